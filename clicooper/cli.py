@@ -1,0 +1,214 @@
+"""Command-line interface: `clicooper demo | run | baseline | bench | datasets`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clicooper.config import ConfigError, JobConfig, load_config, parse_config
+from clicooper.job import ChainJob, RunSummary, new_run_dir, prepare_data, train_centralized
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BENCHMARKS.md).")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+DEMO = {
+    "job": {"name": "demo"},
+    "data": {"dataset": "fashion-mnist"},
+    "model": {"arch": "small-cnn", "n_trainers": 3},
+    "training": {"epochs": 3, "batch_size": 64, "lr": 0.05},
+}
+QUICK = {"data": {"train_subset": 2000, "test_subset": 500}, "training": {"epochs": 1}}
+
+
+def demo_config(quick: bool = False) -> JobConfig:
+    cfg = parse_config(DEMO)
+    return cfg.replace(**QUICK) if quick else cfg
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not sys.stdout.isatty(),
+    )
+
+
+def _print_summary(s: RunSummary, title: str) -> None:
+    t = Table(title=title, show_header=False)
+    t.add_row("mode", s.mode)
+    t.add_row("dataset", s.dataset)
+    t.add_row("test accuracy", f"{s.test_accuracy:.4f}")
+    t.add_row("epochs", str(s.epochs))
+    t.add_row("wall time", f"{s.wall_time_s:.1f} s")
+    if s.epoch_times_s:
+        t.add_row("epoch times", ", ".join(f"{x:.1f}" for x in s.epoch_times_s) + " s")
+    if s.mode != "centralized":
+        t.add_row("trainers", str(s.n_trainers))
+        t.add_row("defences", ", ".join(s.defences) or "none (plain split learning)")
+        eps = "not applicable (no DP)" if s.epsilon is None else f"{s.epsilon:.3f} (delta = {s.delta:g})"
+        t.add_row("epsilon spent", eps)
+        for hop, b in s.bytes_per_step.items():
+            t.add_row(f"bytes/step {hop}", f"{b:,.0f}")
+    if s.run_dir:
+        t.add_row("run folder", s.run_dir)
+    console.print(t)
+
+
+def _epoch_printer(label: str):
+    def show(row: dict) -> None:
+        eps = f"  epsilon {row['epsilon']:.3f}" if row.get("epsilon") is not None else ""
+        console.print(
+            f"[{label}] epoch {row['epoch']}: loss {row['train_loss']:.4f}  "
+            f"test acc {row['test_accuracy']:.4f}  ({row['epoch_time_s']:.1f} s){eps}"
+        )
+
+    return show
+
+
+def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSummary:
+    """Train the configured chain with progress output; the run folder gets config, metrics, summary."""
+    try:
+        data = prepare_data(cfg)
+    except Exception as e:  # noqa: BLE001 - data errors carry their own how-to message
+        _fail(str(e))
+    if not resume:
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    job = ChainJob(cfg, data, run_dir)
+    with _progress() as prog:
+        task = prog.add_task("training", total=None)
+        summary = job.run(
+            resume=resume,
+            on_epoch=_epoch_printer("chain"),
+            on_step=lambda i, n: prog.update(task, completed=i, total=n),
+        )
+    return summary
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="Seconds-long version on a data subset.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder in which the run folder is created.")] = Path("runs"),
+) -> None:
+    """The default job: Fashion-MNIST, small CNN, a data owner and 3 trainers."""
+    cfg = demo_config(quick).replace(job={"run_root": str(out)})
+    run_dir = new_run_dir(cfg)
+    _print_summary(run_chain(cfg, run_dir), "CliCooper demo")
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="TOML job configuration.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
+) -> None:
+    """Run a job from a TOML configuration, or resume one from its run folder."""
+    try:
+        if resume is not None:
+            cfg_file = resume / "config.json"
+            if not cfg_file.exists():
+                _fail(f"{resume} is not a run folder (no config.json)")
+            cfg = parse_config(json.loads(cfg_file.read_text()), str(cfg_file))
+            run_dir = resume
+        elif config is not None:
+            cfg = load_config(config)
+            run_dir = new_run_dir(cfg)
+            shutil.copy(config, run_dir / "config.toml")
+        else:
+            _fail("give a CONFIG.toml or --resume RUN_DIR")
+    except ConfigError as e:
+        _fail(str(e))
+    _print_summary(run_chain(cfg, run_dir, resume=resume is not None), f"CliCooper run: {cfg.job.name}")
+
+
+@app.command()
+def baseline(
+    config: Annotated[Path, typer.Argument(help="TOML job configuration.")],
+    centralized: Annotated[
+        bool, typer.Option("--centralized", help="Train the same model in one place.")
+    ] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="The chain with every defence off.")] = False,
+) -> None:
+    """Reference runs from the same configuration: centralized training, or the undefended chain."""
+    if centralized == plain:
+        _fail("choose exactly one of --centralized or --plain")
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        _fail(str(e))
+    if plain:
+        cfg = cfg.replace(
+            privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "gamma": 1, "u_shaped": False},
+            watermark={"enabled": False},
+        )
+        run_dir = new_run_dir(cfg, "-plain")
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        _print_summary(run_chain(cfg, run_dir), "plain split learning (no defence)")
+        return
+    run_dir = new_run_dir(cfg, "-centralized")
+    try:
+        data = prepare_data(cfg)
+    except Exception as e:  # noqa: BLE001
+        _fail(str(e))
+    summary, _ = train_centralized(cfg, data, run_dir, on_epoch=_epoch_printer("centralized"))
+    _print_summary(summary, "centralized training (reference)")
+
+
+@app.command()
+def datasets() -> None:
+    """List the built-in datasets and on-disk formats."""
+    from clicooper.data import available_datasets
+
+    t = Table("name", "kind", "description", "how to get it")
+    for d in available_datasets():
+        t.add_row(d.name, d.kind, d.description, d.how_to_get)
+    console.print(t)
+
+
+@bench_app.command("relay")
+def bench_relay_cmd(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A 6,400-sample subset instead of the full epoch.")
+    ] = False,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+) -> None:
+    """Epoch time of centralized training vs the in-process 3-trainer chain on the default job."""
+    from clicooper.bench import bench_relay
+
+    cfg = demo_config().replace(data={"train_subset": 6400, "test_subset": 100} if quick else {})
+    r = bench_relay(cfg, prepare_data(cfg), repeats)
+    t = Table(title=f"relay benchmark ({r.n_train} samples, batch {r.batch_size}, {r.n_trainers} trainers)")
+    t.add_column("mode")
+    t.add_column("epoch times (s)")
+    t.add_column("median (s)")
+    import statistics
+
+    t.add_row(
+        "centralized",
+        ", ".join(f"{x:.2f}" for x in r.centralized_s),
+        f"{statistics.median(r.centralized_s):.2f}",
+    )
+    t.add_row("chain", ", ".join(f"{x:.2f}" for x in r.chain_s), f"{statistics.median(r.chain_s):.2f}")
+    console.print(t)
+    console.print(f"ratio chain/centralized: [bold]{r.ratio:.3f}[/] (target <= 1.10); machine: {r.machine()}")
+
+
+def main() -> None:  # pragma: no cover
+    app()

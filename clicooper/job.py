@@ -1,0 +1,320 @@
+"""Build a job's parties from a configuration and run it: the chain, and the
+centralized reference that trains the same model in one place.
+
+The runner wires parties to a transport and calls the data owner's driving
+methods; it never reaches into a party's state beyond asking it to save or load
+its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clicooper.checkpoint import atomic_write_json, latest_round, round_prefix
+from clicooper.config import JobConfig, TrainingSection
+from clicooper.data import DatasetSplits, load_dataset
+from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_from_cuts, split_model
+from clicooper.parties import DataOwner, Trainer
+from clicooper.seeding import derive_seed, epoch_order
+from clicooper.transport import InProcTransport, Transport
+
+EpochCallback = Callable[[dict], None]
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class RunSummary:
+    mode: str
+    dataset: str
+    test_accuracy: float
+    epochs: int
+    wall_time_s: float
+    epoch_times_s: list[float]
+    n_trainers: int = 0
+    bytes_per_step: dict[str, float] = field(default_factory=dict)
+    defences: list[str] = field(default_factory=list)
+    epsilon: float | None = None
+    delta: float | None = None
+    run_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def make_optimizer(params, cfg: TrainingSection) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def prepare_data(cfg: JobConfig) -> DatasetSplits:
+    data = load_dataset(cfg.data.dataset, cfg.data.path, seed=cfg.job.seed)
+    if cfg.data.train_subset or cfg.data.test_subset:
+        data = data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.job.seed)
+    return data
+
+
+def output_dim(cfg: JobConfig, num_classes: int) -> int:
+    """Pseudo-classes for the last trainer, or true classes when the data owner keeps the tail."""
+    return num_classes if cfg.privacy.u_shaped else cfg.privacy.gamma * num_classes
+
+
+def build_model_and_plan(cfg: JobConfig, data: DatasetSplits) -> tuple[nn.Sequential, SplitPlan]:
+    """The full model (seeded initial weights) and where it is cut."""
+    torch.manual_seed(derive_seed(cfg.job.seed, "init"))
+    model = build_model(cfg.model.arch, data.input_shape, output_dim(cfg, data.num_classes))
+    n_blocks = len(list(model.children()))
+    u = cfg.privacy.u_shaped
+    if cfg.model.cut_points is not None:
+        plan = plan_from_cuts(cfg.model.cut_points, n_blocks, u_shaped=u)
+        if plan.n_trainers != cfg.model.n_trainers:
+            raise ValueError(
+                f"model.cut_points {cfg.model.cut_points} give {plan.n_trainers} trainer segment(s) "
+                f"but model.n_trainers is {cfg.model.n_trainers}"
+            )
+    else:
+        caps = cfg.model.capacities or [1.0] * cfg.model.n_trainers
+        plan = plan_from_capacities(
+            model,
+            data.input_shape,
+            caps,
+            head_blocks=cfg.model.head_blocks,
+            metric=cfg.model.balance_by,
+            u_shaped=u,
+        )
+    return model, plan
+
+
+def new_run_dir(cfg: JobConfig, suffix: str = "") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    d = cfg.job.run_root / f"{cfg.job.name}{suffix}-{stamp}"
+    d.mkdir(parents=True, exist_ok=False)
+    return d
+
+
+class ChainJob:
+    """A data owner and n trainers wired to one transport."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        data: DatasetSplits,
+        run_dir: Path | None,
+        *,
+        transport: Transport | None = None,
+        defence=None,
+        trainer_hooks: list | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        self.cfg, self.data, self.run_dir = cfg, data, run_dir
+        self.transport = transport or InProcTransport()
+        self.job_id = job_id or (run_dir.name if run_dir else f"{cfg.job.name}-inproc")
+        self.model, self.plan = build_model_and_plan(cfg, data)
+        segs = split_model(self.model, self.plan)
+        head, tail = segs[0], (segs[-1] if self.plan.u_shaped else None)
+        trainer_segs = segs[1 : len(segs) - int(self.plan.u_shaped)]
+        names = [f"trainer_{i + 1}" for i in range(len(trainer_segs))]
+        self.defence = defence
+        one_shot = defence is not None and getattr(defence, "one_shot", False)
+        if one_shot:
+            head.requires_grad_(False)
+        tcfg = cfg.training
+        shapes = self._segment_input_shapes(segs)
+        self.trainers: list[Trainer] = []
+        for i, seg in enumerate(trainer_segs):
+            self.trainers.append(
+                Trainer(
+                    name=names[i],
+                    position=i + 1,
+                    job_id=self.job_id,
+                    transport=self.transport,
+                    segment=seg,
+                    optimizer=make_optimizer(seg.parameters(), tcfg),
+                    prev=names[i - 1] if i else "data_owner",
+                    next=names[i + 1] if i + 1 < len(names) else None,
+                    data_owner="data_owner",
+                    input_shape=shapes[i + 1],
+                    num_outputs=output_dim(cfg, data.num_classes),
+                    u_shaped=self.plan.u_shaped,
+                    hooks=trainer_hooks[i] if trainer_hooks else None,
+                    checkpoint_dir=run_dir / names[i] if run_dir else None,
+                )
+            )
+        self.data_owner = DataOwner(
+            job_id=self.job_id,
+            transport=self.transport,
+            data=data,
+            head=head,
+            head_optimizer=None if one_shot else make_optimizer(head.parameters(), tcfg),
+            trainers=names,
+            batch_size=tcfg.batch_size,
+            eval_batch_size=tcfg.eval_batch_size,
+            seed=cfg.job.seed,
+            tail=tail,
+            tail_optimizer=make_optimizer(tail.parameters(), tcfg) if tail is not None else None,
+            defence=defence,
+            checkpoint_dir=run_dir / "data_owner" if run_dir else None,
+        )
+
+    def _segment_input_shapes(self, segs: list[nn.Module]) -> list[tuple[int, ...]]:
+        shapes, x = [], self.data.train_x[:2]
+        with torch.no_grad():
+            for s in segs:
+                shapes.append(tuple(x.shape[1:]))
+                x = s.eval()(x)
+        return shapes
+
+    @property
+    def parties(self) -> list:
+        return [self.data_owner, *self.trainers]
+
+    def resume(self) -> int:
+        """Load every party's newest checkpoint of a round all of them completed; return the next round."""
+        if self.run_dir is None:
+            raise ValueError("resume needs a run folder")
+        dirs = [self.run_dir / p.name for p in self.parties]
+        rounds = [latest_round(d) for d in dirs]
+        if any(r is None for r in rounds):
+            return 0
+        rnd = min(rounds)  # type: ignore[type-var]
+        for p, d in zip(self.parties, dirs, strict=True):
+            p.load(round_prefix(d, rnd))
+        return rnd + 1
+
+    def run(
+        self,
+        *,
+        resume: bool = False,
+        on_epoch: EpochCallback | None = None,
+        on_step: StepCallback | None = None,
+    ) -> RunSummary:
+        start_round = self.resume() if resume else 0
+        metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
+        epoch_times: list[float] = []
+        t0 = time.perf_counter()
+        acc = float("nan")
+        for rnd in range(start_round, self.cfg.training.epochs):
+            te = time.perf_counter()
+            loss = self.data_owner.train_round(rnd, on_step)
+            train_time = time.perf_counter() - te
+            epoch_times.append(train_time)
+            acc = self.data_owner.evaluate("test", tag=rnd)
+            row = {"epoch": rnd + 1, "train_loss": loss, "test_accuracy": acc, "epoch_time_s": train_time}
+            row.update(self._privacy_row())
+            if metrics_path is not None:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if on_epoch is not None:
+                on_epoch(row)
+        if start_round >= self.cfg.training.epochs:
+            acc = self.data_owner.evaluate("test", tag="final")
+        return self._summary(acc, time.perf_counter() - t0, epoch_times)
+
+    def _privacy_row(self) -> dict:
+        d = self.defence
+        if d is None or not hasattr(d, "epsilon"):
+            return {}
+        return {"epsilon": d.epsilon(), "delta": d.delta}
+
+    def _summary(self, acc: float, wall: float, epoch_times: list[float]) -> RunSummary:
+        steps = max(sum(1 for _ in range(0, len(self.data.train_x), self.cfg.training.batch_size)), 1)
+        n_rounds = max(len(epoch_times), 1)
+        hops = {
+            f"{s}->{r}": round(b / (steps * n_rounds + 1e-9), 1)
+            for (s, r), b in sorted(self.transport.bytes_sent.items())
+        }
+        s = RunSummary(
+            mode="chain",
+            dataset=self.data.name,
+            test_accuracy=acc,
+            epochs=self.cfg.training.epochs,
+            wall_time_s=wall,
+            epoch_times_s=epoch_times,
+            n_trainers=len(self.trainers),
+            bytes_per_step=hops,
+            defences=list(getattr(self.defence, "names", [])) if self.defence else [],
+            run_dir=str(self.run_dir) if self.run_dir else None,
+        )
+        s.extra["split_bounds"] = list(self.plan.bounds)
+        priv = self._privacy_row()
+        s.epsilon, s.delta = priv.get("epsilon"), priv.get("delta")
+        if self.run_dir is not None:
+            atomic_write_json(self.run_dir / "summary.json", s.to_json())
+        return s
+
+
+def train_centralized(
+    cfg: JobConfig,
+    data: DatasetSplits,
+    run_dir: Path | None = None,
+    *,
+    model: nn.Sequential | None = None,
+    on_epoch: EpochCallback | None = None,
+    on_step: StepCallback | None = None,
+) -> tuple[RunSummary, nn.Sequential]:
+    """The accuracy and speed reference: the same model, data order and optimiser, in one place."""
+    if model is None:
+        model, _ = build_model_and_plan(cfg.replace(privacy={"gamma": 1, "u_shaped": False}), data)
+    model = copy.deepcopy(model)
+    opt = make_optimizer(model.parameters(), cfg.training)
+    bs = cfg.training.batch_size
+    epoch_times, t0, acc = [], time.perf_counter(), float("nan")
+    for epoch in range(cfg.training.epochs):
+        te = time.perf_counter()
+        order = epoch_order(cfg.job.seed, epoch, len(data.train_x))
+        model.train()
+        n_steps = (len(order) + bs - 1) // bs
+        total = 0.0
+        for step in range(n_steps):
+            ids = order[step * bs : (step + 1) * bs]
+            loss = F.cross_entropy(model(data.train_x[ids]), data.train_y[ids])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(ids)
+            if on_step is not None:
+                on_step(step + 1, n_steps)
+        epoch_times.append(time.perf_counter() - te)
+        acc = evaluate_model(model, data.test_x, data.test_y, cfg.training.eval_batch_size)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / len(order),
+            "test_accuracy": acc,
+            "epoch_time_s": epoch_times[-1],
+        }
+        if run_dir is not None:
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if on_epoch is not None:
+            on_epoch(row)
+    s = RunSummary(
+        mode="centralized",
+        dataset=data.name,
+        test_accuracy=acc,
+        epochs=cfg.training.epochs,
+        wall_time_s=time.perf_counter() - t0,
+        epoch_times_s=epoch_times,
+        run_dir=str(run_dir) if run_dir else None,
+    )
+    if run_dir is not None:
+        atomic_write_json(run_dir / "summary.json", s.to_json())
+    return s, model
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return float((pred == y).float().mean())

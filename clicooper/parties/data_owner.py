@@ -1,0 +1,239 @@
+"""The data owner: holds the data, the true labels, the head segment (and in U-shaped
+mode the output layer), and drives training and evaluation through the chain.
+
+What leaves it: released activations (clipped and noised when DP is on) to the
+first trainer, and pseudo-labels (through the secret codebook when label expansion
+is on) to the last trainer. Inputs, true labels and the codebook never leave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clicooper.checkpoint import (
+    load_module_optimizer_state,
+    load_state,
+    module_optimizer_state,
+    round_prefix,
+    save_state,
+)
+from clicooper.data import DatasetSplits
+from clicooper.parties.base import Party, ProtocolError, check_tensor
+from clicooper.seeding import epoch_order, generator
+from clicooper.transport.base import Transport
+from clicooper.transport.messages import Backward, Forward, Output, RoundEnd, RoundSealed, Targets
+
+StepCallback = Callable[[int, int], None]
+
+
+class DataOwnerDefence(Protocol):
+    """The data owner's privacy defences (see clicooper.privacy.defence)."""
+
+    one_shot: bool
+
+    def begin_round(self, rnd: int) -> None: ...
+    def release(self, a: torch.Tensor, gen: torch.Generator, *, train: bool) -> torch.Tensor: ...
+    def encode_labels(self, y: torch.Tensor, ids: torch.Tensor, rnd: int) -> torch.Tensor: ...
+    def decode_logits(self, logits: torch.Tensor) -> torch.Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class DataOwner(Party):
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        transport: Transport,
+        data: DatasetSplits,
+        head: nn.Module,
+        head_optimizer: torch.optim.Optimizer | None,
+        trainers: list[str],
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        tail: nn.Module | None = None,
+        tail_optimizer: torch.optim.Optimizer | None = None,
+        defence: DataOwnerDefence | None = None,
+        checkpoint_dir: Path | None = None,
+        name: str = "data_owner",
+    ) -> None:
+        super().__init__(name, job_id, transport)
+        self.data = data
+        self.head, self.head_optimizer = head, head_optimizer
+        self.tail, self.tail_optimizer = tail, tail_optimizer
+        self.trainers = trainers
+        self.first, self.last = trainers[0], trainers[-1]
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.seed = seed
+        self.defence = defence
+        self.checkpoint_dir = checkpoint_dir
+        self.rounds_done = 0
+        self.records: dict[int, list[str]] = {}
+        self._released: torch.Tensor | None = None  # one-shot release cache
+        with torch.no_grad():
+            self.activation_shape = tuple(head.eval()(data.train_x[:1]).shape[1:])
+        transport.register(name, None)
+        self._allowed = {Backward: (self.first,), Output: (self.last,), RoundSealed: tuple(trainers)}
+
+    # -- helpers ----------------------------------------------------------
+    def _receive(self, cls: type, rnd: int, step: int):
+        msg = self.transport.receive(self.name)
+        self.check_incoming(msg, self._allowed)
+        if not isinstance(msg, cls) or (msg.header.round, msg.header.step) != (rnd, step):
+            raise ProtocolError(
+                f"{self.name}: expected {cls.KIND} for round {rnd} step {step}, got {msg.KIND} "
+                f"for round {msg.header.round} step {msg.header.step} from {msg.header.sender}"
+            )
+        return msg
+
+    def _encode_labels(self, y: torch.Tensor, ids: torch.Tensor, rnd: int) -> torch.Tensor:
+        if self.tail is not None:
+            return y  # U-shaped: labels stay here
+        return self.defence.encode_labels(y, ids, rnd) if self.defence else y
+
+    def _one_shot_release(self) -> torch.Tensor:
+        """Release every training sample's activation once, from the frozen head."""
+        if self._released is None:
+            gen = generator(self.seed, "dp", "one-shot")
+            self.head.eval()
+            with torch.no_grad():
+                parts = [
+                    self.defence.release(self.head(self.data.train_x[i : i + 1024]), gen, train=True)
+                    for i in range(0, len(self.data.train_x), 1024)
+                ]
+            self._released = torch.cat(parts)
+        return self._released
+
+    # -- training ---------------------------------------------------------
+    def train_round(self, rnd: int, on_step: StepCallback | None = None) -> float:
+        """One epoch through the chain; returns the mean training loss reported by the chain."""
+        if self.defence is not None:
+            self.defence.begin_round(rnd)
+        one_shot = self.defence is not None and self.defence.one_shot
+        released_all = self._one_shot_release() if one_shot else None
+        order = epoch_order(self.seed, rnd, len(self.data.train_x))
+        gen = generator(self.seed, "dp", rnd)
+        n_steps = (len(order) + self.batch_size - 1) // self.batch_size
+        losses, samples = [], 0
+        self.head.train(not one_shot)
+        for step in range(n_steps):
+            ids = order[step * self.batch_size : (step + 1) * self.batch_size]
+            x, y = self.data.train_x[ids], self.data.train_y[ids]
+            if released_all is not None:
+                a_rel = released_all[ids]
+            else:
+                a = self.head(x)
+                a_rel = self.defence.release(a, gen, train=True) if self.defence else a
+            if self.tail is None:
+                self.send(Targets, self.last, rnd, step, labels=self._encode_labels(y, ids, rnd))
+            self.send(Forward, self.first, rnd, step, activation=a_rel.detach(), train=True)
+            if self.tail is not None:
+                self._tail_step(rnd, step, y)
+            reply: Backward = self._receive(Backward, rnd, step)
+            check_tensor(
+                reply.grad,
+                where=f"{self.name}: gradient from {self.first}",
+                dtype=torch.float32,
+                shape=tuple(a_rel.shape),
+            )
+            if released_all is None and self.head_optimizer is not None:
+                self.head_optimizer.zero_grad(set_to_none=True)
+                a_rel.backward(reply.grad)
+                self.head_optimizer.step()
+            losses.append(reply.loss * len(ids))
+            samples += len(ids)
+            if on_step is not None:
+                on_step(step + 1, n_steps)
+        self._end_round(rnd, n_steps, samples)
+        return sum(losses) / max(samples, 1)
+
+    def _tail_step(self, rnd: int, step: int, y: torch.Tensor) -> None:
+        """U-shaped: compute the loss on the returned features and send their gradient back."""
+        out: Output = self._receive(Output, rnd, step)
+        feats = out.output.requires_grad_(True)
+        self.tail.train()
+        loss = F.cross_entropy(self.tail(feats), y)
+        self.tail_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.tail_optimizer.step()
+        self.send(Backward, self.last, rnd, step, grad=feats.grad, loss=float(loss.detach()))
+
+    def _end_round(self, rnd: int, steps: int, samples: int) -> None:
+        for t in self.trainers:
+            self.send(RoundEnd, t, rnd, steps, steps=steps, samples=samples)
+        records = []
+        for _ in self.trainers:
+            msg = self.transport.receive(self.name)
+            self.check_incoming(msg, self._allowed)
+            if not isinstance(msg, RoundSealed) or msg.header.round != rnd:
+                raise ProtocolError(f"{self.name}: expected round_sealed for round {rnd}, got {msg.KIND}")
+            records.append(msg.record)
+        self.records[rnd] = records
+        self.rounds_done = rnd + 1
+        if self.checkpoint_dir is not None:
+            self.save(round_prefix(self.checkpoint_dir, rnd))
+
+    # -- inference --------------------------------------------------------
+    def predict_logits(self, x: torch.Tensor, *, tag: object = "eval") -> torch.Tensor:
+        """True-class logits for `x`, computed through the chain (inference relay)."""
+        gen = generator(self.seed, "dp-inference", tag)
+        self.head.eval()
+        outs = []
+        for step, i in enumerate(range(0, len(x), self.eval_batch_size)):
+            with torch.no_grad():
+                a = self.head(x[i : i + self.eval_batch_size])
+                if self.defence is not None:
+                    a = self.defence.release(a, gen, train=False)
+            self.send(Forward, self.first, self.rounds_done, step, activation=a, train=False)
+            out: Output = self._receive(Output, self.rounds_done, step)
+            with torch.no_grad():
+                if self.tail is not None:
+                    self.tail.eval()
+                    logits = self.tail(out.output)
+                else:
+                    logits = self.defence.decode_logits(out.output) if self.defence else out.output
+            outs.append(logits)
+        return torch.cat(outs)
+
+    def evaluate(self, split: str = "test", *, tag: object = "eval") -> float:
+        x, y = (
+            (self.data.test_x, self.data.test_y)
+            if split == "test"
+            else (self.data.train_x, self.data.train_y)
+        )
+        pred = self.predict_logits(x, tag=tag).argmax(1)
+        return float((pred == y).float().mean())
+
+    # -- state ------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = module_optimizer_state(self.head, self.head_optimizer, "head.")
+        if self.tail is not None:
+            t2, m2 = module_optimizer_state(self.tail, self.tail_optimizer, "tail.")
+            tensors.update(t2)
+            meta.update(m2)
+        meta.update(
+            rounds_done=self.rounds_done,
+            defence=self.defence.state_dict() if self.defence else None,
+            records={str(k): v for k, v in self.records.items()},
+        )
+        return tensors, meta
+
+    def save(self, prefix: Path) -> None:
+        save_state(prefix, *self.state())
+
+    def load(self, prefix: Path) -> None:
+        tensors, meta = load_state(prefix)
+        load_module_optimizer_state(self.head, self.head_optimizer, tensors, meta, "head.")
+        if self.tail is not None:
+            load_module_optimizer_state(self.tail, self.tail_optimizer, tensors, meta, "tail.")
+        self.rounds_done = meta["rounds_done"]
+        self.records = {int(k): v for k, v in meta.get("records", {}).items()}
+        if self.defence is not None and meta.get("defence") is not None:
+            self.defence.load_state_dict(meta["defence"])

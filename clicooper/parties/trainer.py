@@ -1,0 +1,231 @@
+"""A trainer client: holds one model segment and relays activations and gradients.
+
+It never sees raw inputs, true labels, or the label codebook: it receives
+(possibly noised) activations from its predecessor, gradients from its
+successor, and, if it is the last trainer, pseudo-labels from the data owner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clicooper.checkpoint import load_module_optimizer_state, load_state, module_optimizer_state, save_state
+from clicooper.checkpoint import round_prefix as _round_prefix
+from clicooper.parties.base import Party, ProtocolError, check_tensor
+from clicooper.transport.base import Transport
+from clicooper.transport.messages import Backward, Forward, Message, Output, RoundEnd, RoundSealed, Targets
+
+
+class TrainerHooks(Protocol):
+    """Per-trainer extras (provenance): a loss regulariser, transcript observation, round sealing."""
+
+    def regulariser(self, segment: nn.Module) -> torch.Tensor | None: ...
+    def observe(self, neighbour: str, direction: str, rnd: int, step: int, tensor: torch.Tensor) -> None: ...
+    def seal(self, segment: nn.Module, rnd: int, steps: int, samples: int) -> str: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class _InFlight:
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+class Trainer(Party):
+    def __init__(
+        self,
+        *,
+        name: str,
+        position: int,
+        job_id: str,
+        transport: Transport,
+        segment: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        prev: str,
+        next: str | None,
+        data_owner: str,
+        input_shape: tuple[int, ...],
+        num_outputs: int | None = None,
+        u_shaped: bool = False,
+        hooks: TrainerHooks | None = None,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
+        super().__init__(name, job_id, transport)
+        self.position = position
+        self.segment = segment
+        self.optimizer = optimizer
+        self.prev, self.next, self.data_owner = prev, next, data_owner
+        self.is_last = next is None
+        self.u_shaped = u_shaped
+        self.input_shape = tuple(input_shape)
+        self.num_outputs = num_outputs
+        self.hooks = hooks
+        self.checkpoint_dir = checkpoint_dir
+        self._inflight: dict[tuple[int, int], _InFlight] = {}
+        self._targets: dict[tuple[int, int], torch.Tensor] = {}
+        self._last_train_step: tuple[int, int] = (-1, -1)
+        self.round_steps = 0
+        self.round_samples = 0
+        self.rounds_sealed = 0
+        downstream = data_owner if self.is_last and u_shaped else next
+        self._allowed: dict[type[Message], tuple[str, ...]] = {
+            Forward: (prev,),
+            RoundEnd: (data_owner,),
+        }
+        if downstream is not None:
+            self._allowed[Backward] = (downstream,)
+        if self.is_last and not u_shaped:
+            self._allowed[Targets] = (data_owner,)
+        transport.register(name, self.handle)
+
+    # -- message handling -------------------------------------------------
+    def handle(self, msg: Message) -> None:
+        self.check_incoming(msg, self._allowed)
+        if isinstance(msg, Forward):
+            self._on_forward(msg)
+        elif isinstance(msg, Targets):
+            self._on_targets(msg)
+        elif isinstance(msg, Backward):
+            self._on_backward(msg)
+        elif isinstance(msg, RoundEnd):
+            self._on_round_end(msg)
+
+    def _observe(self, neighbour: str, direction: str, msg_key: tuple[int, int], t: torch.Tensor) -> None:
+        if self.hooks is not None:
+            self.hooks.observe(neighbour, direction, msg_key[0], msg_key[1], t)
+
+    def _on_forward(self, msg: Forward) -> None:
+        key = (msg.header.round, msg.header.step)
+        x = msg.activation
+        check_tensor(
+            x,
+            where=f"{self.name}: forward from {self.prev}",
+            dtype=torch.float32,
+            shape=(None, *self.input_shape),
+        )
+        if not msg.train:
+            self.segment.eval()
+            with torch.no_grad():
+                out = self.segment(x)
+            self._emit_forward(key, out, train=False)
+            return
+        if key <= self._last_train_step:
+            raise ProtocolError(f"{self.name}: training step {key} arrived after {self._last_train_step}")
+        self._last_train_step = key
+        self._observe(self.prev, "in", key, x)
+        self.segment.train()
+        x = x.requires_grad_(True)
+        out = self.segment(x)
+        self.round_steps += 1
+        self.round_samples += x.shape[0]
+        if self.is_last and not self.u_shaped:
+            targets = self._targets.pop(key, None)
+            if targets is None:
+                raise ProtocolError(f"{self.name}: no targets from {self.data_owner} for step {key}")
+            if targets.shape[0] != out.shape[0]:
+                raise ProtocolError(f"{self.name}: {targets.shape[0]} targets for a batch of {out.shape[0]}")
+            loss = F.cross_entropy(out, targets)
+            self._backward_and_step(key, x, loss, float(loss.detach()))
+            return
+        self._inflight[key] = _InFlight(x, out)
+        self._emit_forward(key, out.detach(), train=True)
+
+    def _emit_forward(self, key: tuple[int, int], out: torch.Tensor, *, train: bool) -> None:
+        if self.is_last:
+            self.send(Output, self.data_owner, *key, output=out.detach(), train=train)
+        else:
+            if train:
+                self._observe(self.next, "out", key, out)
+            self.send(Forward, self.next, *key, activation=out.detach(), train=train)
+
+    def _on_targets(self, msg: Targets) -> None:
+        key = (msg.header.round, msg.header.step)
+        check_tensor(msg.labels, where=f"{self.name}: targets", dtype=torch.int64, shape=(None,))
+        n_out = self.num_outputs or 0
+        if msg.labels.numel() and (int(msg.labels.min()) < 0 or int(msg.labels.max()) >= n_out):
+            raise ProtocolError(f"{self.name}: target labels outside 0..{n_out - 1}")
+        if key in self._targets:
+            raise ProtocolError(f"{self.name}: duplicate targets for step {key}")
+        self._targets[key] = msg.labels
+
+    def _on_backward(self, msg: Backward) -> None:
+        key = (msg.header.round, msg.header.step)
+        state = self._inflight.pop(key, None)
+        if state is None:
+            raise ProtocolError(f"{self.name}: gradient for unknown step {key} from {msg.header.sender}")
+        check_tensor(
+            msg.grad,
+            where=f"{self.name}: gradient from {msg.header.sender}",
+            dtype=torch.float32,
+            shape=tuple(state.outputs.shape),
+        )
+        self._observe(msg.header.sender, "in", key, msg.grad)
+        self._backward_and_step(key, state.inputs, state.outputs, msg.loss, msg.grad)
+
+    def _backward_and_step(
+        self,
+        key: tuple[int, int],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        report: float,
+        grad_out: torch.Tensor | None = None,
+    ) -> None:
+        """Back-propagate (`out` with upstream gradient `grad_out`, or `out` as the loss) plus this
+        trainer's own regulariser, step its optimiser, and send dL/dx upstream."""
+        tensors, grads = [out], [grad_out]
+        if self.hooks is not None:
+            reg = self.hooks.regulariser(self.segment)
+            if reg is not None:
+                tensors.append(reg)
+                grads.append(None)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(tensors, grads)
+        self.optimizer.step()
+        grad = x.grad if x.grad is not None else torch.zeros_like(x)
+        self._observe(self.prev, "out", key, grad)
+        self.send(Backward, self.prev, *key, grad=grad, loss=report)
+
+    def _on_round_end(self, msg: RoundEnd) -> None:
+        rnd = msg.header.round
+        if self._inflight or self._targets:
+            raise ProtocolError(f"{self.name}: round {rnd} ended with {len(self._inflight)} steps in flight")
+        record = ""
+        if self.hooks is not None:
+            record = self.hooks.seal(self.segment, rnd, self.round_steps, self.round_samples)
+        self.rounds_sealed = rnd + 1
+        if self.checkpoint_dir is not None:
+            self.save(_round_prefix(self.checkpoint_dir, rnd))
+        self.round_steps = self.round_samples = 0
+        self.send(RoundSealed, self.data_owner, rnd, msg.header.step, record=record)
+
+    # -- state ------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = module_optimizer_state(self.segment, self.optimizer)
+        meta.update(
+            name=self.name,
+            position=self.position,
+            rounds_sealed=self.rounds_sealed,
+            last_train_step=list(self._last_train_step),
+            hooks=self.hooks.state_dict() if self.hooks is not None else None,
+        )
+        return tensors, meta
+
+    def save(self, prefix: Path) -> None:
+        save_state(prefix, *self.state())
+
+    def load(self, prefix: Path) -> None:
+        tensors, meta = load_state(prefix)
+        if meta["position"] != self.position:
+            raise ValueError(f"{prefix}: checkpoint is for position {meta['position']}, not {self.position}")
+        load_module_optimizer_state(self.segment, self.optimizer, tensors, meta)
+        self.rounds_sealed = meta["rounds_sealed"]
+        self._last_train_step = tuple(meta["last_train_step"])  # type: ignore[assignment]
+        if self.hooks is not None and meta.get("hooks") is not None:
+            self.hooks.load_state_dict(meta["hooks"])

@@ -1,0 +1,142 @@
+"""The chain: exact equivalence with centralized training, resume, and rejection of bad messages."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from clicooper.checkpoint import latest_round
+from clicooper.config import ConfigError, parse_config
+from clicooper.job import ChainJob, train_centralized
+from clicooper.parties import ProtocolError
+from clicooper.transport import Backward, Forward, Header, Targets
+from tests.conftest import tiny_config
+
+
+def _chain_params(job: ChainJob) -> list[torch.Tensor]:
+    segs = [job.data_owner.head, *[t.segment for t in job.trainers]]
+    return [p.detach() for s in segs for p in s.parameters()]
+
+
+@pytest.mark.parametrize("n_trainers", [1, 3])
+def test_relay_equals_centralized(digits, n_trainers):
+    cfg = tiny_config(model={"n_trainers": n_trainers}, training={"epochs": 4, "lr": 0.1})
+    job = ChainJob(cfg, digits, None)
+    summary = job.run()
+    central, model = train_centralized(cfg, digits)
+    for a, b in zip(_chain_params(job), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    assert summary.test_accuracy == pytest.approx(central.test_accuracy, abs=1e-3)
+    assert summary.test_accuracy > 0.5  # it really learns: five times chance on 10 classes
+    assert summary.bytes_per_step["data_owner->trainer_1"] > 0
+
+
+def test_relay_with_adam_mlp_and_capacities(digits):
+    cfg = tiny_config(
+        model={"arch": "mlp", "n_trainers": 2, "capacities": [1, 2]},
+        training={"optimizer": "adam", "lr": 0.003, "epochs": 1},
+    )
+    job = ChainJob(cfg, digits, None)
+    job.run()
+    _, model = train_centralized(cfg, digits)
+    for a, b in zip(_chain_params(job), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_reaches_same_weights(digits, tmp_path):
+    full = ChainJob(tiny_config(training={"epochs": 3}), digits, tmp_path / "full")
+    full.run()
+    part_dir = tmp_path / "part"
+    ChainJob(tiny_config(training={"epochs": 1}), digits, part_dir).run()
+    assert latest_round(part_dir / "trainer_2") == 0
+    resumed = ChainJob(tiny_config(training={"epochs": 3}), digits, part_dir)
+    resumed.run(resume=True)
+    for a, b in zip(_chain_params(full), _chain_params(resumed), strict=True):
+        assert torch.equal(a, b)
+    lines = (part_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # epoch 1 from the first run, epochs 2-3 from the resumed one
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("round_*"))}
+
+
+def test_bad_gradient_fails_clearly_and_keeps_checkpoints(digits, tmp_path):
+    cfg = tiny_config(training={"epochs": 2})
+    job = ChainJob(cfg, digits, tmp_path)
+    job.data_owner.train_round(0)
+    before = _digest(tmp_path)
+    assert before
+    t2 = job.trainers[1]
+    original = t2.send
+
+    def corrupt(cls, receiver, rnd, step, **fields):
+        if cls is Backward:
+            fields["grad"] = fields["grad"][:, :1]  # wrong shape
+        return original(cls, receiver, rnd, step, **fields)
+
+    t2.send = corrupt
+    with pytest.raises(ProtocolError, match=r"trainer_1: gradient from trainer_2: shape"):
+        job.data_owner.train_round(1)
+    assert _digest(tmp_path) == before
+    fresh = ChainJob(cfg, digits, tmp_path)
+    assert fresh.resume() == 1
+
+
+def _inject(job: ChainJob, msg) -> None:
+    job.transport.send(msg)
+    job.transport.pump()
+
+
+def test_wrong_dtype_shape_step_sender_job_are_rejected(digits):
+    job = ChainJob(tiny_config(), digits, None)
+    shape = job.trainers[0].input_shape
+    good = torch.randn(4, *shape)
+
+    def fwd(seq, *, act=good, sender="data_owner", job_id=job.job_id, rnd=0, step=0):
+        return Forward(header=Header(job_id, sender, "trainer_1", rnd, step, seq), activation=act)
+
+    with pytest.raises(ProtocolError, match="dtype"):
+        _inject(job, fwd(1, act=good.double()))
+    with pytest.raises(ProtocolError, match="shape"):
+        _inject(job, fwd(2, act=torch.randn(4, 3)))
+    with pytest.raises(ProtocolError, match="unexpected sender"):
+        _inject(job, fwd(3, sender="trainer_3"))
+    with pytest.raises(ProtocolError, match="for job"):
+        _inject(job, fwd(4, job_id="other-job"))
+    with pytest.raises(ProtocolError, match="replayed or reordered"):
+        _inject(job, fwd(2))
+    with pytest.raises(ProtocolError, match=r"trainer_3: no targets from data_owner for step \(0, 5\)"):
+        _inject(job, fwd(10, step=5))  # relayed down the chain, refused by the last trainer
+    with pytest.raises(ProtocolError, match=r"step \(0, 3\) arrived after \(0, 5\)"):
+        _inject(job, fwd(11, step=3))
+    last = job.trainers[-1]
+    with pytest.raises(ProtocolError, match="outside"):
+        _inject(
+            job,
+            Targets(
+                header=Header(job.job_id, "data_owner", last.name, 0, 0, 50), labels=torch.tensor([0, 99])
+            ),
+        )
+    with pytest.raises(ProtocolError, match="unknown step"):
+        _inject(
+            job, Backward(header=Header(job.job_id, "trainer_2", "trainer_1", 0, 77, 99), grad=torch.zeros(1))
+        )
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"training\.lr"):
+        parse_config({"training": {"lr": 0}})
+    with pytest.raises(ConfigError, match=r"model\.n_trainer"):
+        parse_config({"model": {"n_trainer": 2}})
+    with pytest.raises(ConfigError, match="exactly one of epsilon"):
+        parse_config({"privacy": {"dp": True}})
+
+
+def test_inconsistent_cut_points_in_config(digits):
+    with pytest.raises(ValueError, match="n_trainers"):
+        ChainJob(tiny_config(model={"cut_points": [1, 2], "n_trainers": 3}), digits, None)
+    with pytest.raises(ValueError, match="cut points"):
+        ChainJob(tiny_config(model={"cut_points": [1, 1, 2]}), digits, None)
