@@ -20,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clicooper.checkpoint import atomic_write_json, latest_round, round_prefix
+from clicooper.checkpoint import atomic_write_bytes, atomic_write_json, latest_round, round_prefix
 from clicooper.config import JobConfig, TrainingSection
 from clicooper.data import DatasetSplits, load_dataset
 from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_from_cuts, split_model
-from clicooper.parties import DataOwner, Trainer
+from clicooper.parties import DataOwner, Trainer, Verifier
+from clicooper.parties.verifier import STATE_FILE
+from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
+from clicooper.provenance.stage import StageProvenance
 from clicooper.seeding import derive_seed, epoch_order
 from clicooper.transport import InProcTransport, Transport
 
@@ -71,10 +74,15 @@ def output_dim(cfg: JobConfig, num_classes: int) -> int:
     return num_classes if cfg.privacy.u_shaped else cfg.privacy.gamma * num_classes
 
 
-def build_model_and_plan(cfg: JobConfig, data: DatasetSplits) -> tuple[nn.Sequential, SplitPlan]:
-    """The full model (seeded initial weights) and where it is cut."""
-    torch.manual_seed(derive_seed(cfg.job.seed, "init"))
-    model = build_model(cfg.model.arch, data.input_shape, output_dim(cfg, data.num_classes))
+def build_model_and_plan(
+    cfg: JobConfig, data: DatasetSplits, model: nn.Sequential | None = None
+) -> tuple[nn.Sequential, SplitPlan]:
+    """The full model (seeded initial weights, or the user's own) and where it is cut."""
+    if model is None:
+        torch.manual_seed(derive_seed(cfg.job.seed, "init"))
+        model = build_model(cfg.model.arch, data.input_shape, output_dim(cfg, data.num_classes))
+    else:
+        model = copy.deepcopy(model)
     n_blocks = len(list(model.children()))
     u = cfg.privacy.u_shaped
     if cfg.model.cut_points is not None:
@@ -115,13 +123,13 @@ class ChainJob:
         *,
         transport: Transport | None = None,
         defence=None,
-        trainer_hooks: list | None = None,
         job_id: str | None = None,
+        model: nn.Sequential | None = None,
     ) -> None:
         self.cfg, self.data, self.run_dir = cfg, data, run_dir
         self.transport = transport or InProcTransport()
         self.job_id = job_id or (run_dir.name if run_dir else f"{cfg.job.name}-inproc")
-        self.model, self.plan = build_model_and_plan(cfg, data)
+        self.model, self.plan = build_model_and_plan(cfg, data, model)
         segs = split_model(self.model, self.plan)
         head, tail = segs[0], (segs[-1] if self.plan.u_shaped else None)
         trainer_segs = segs[1 : len(segs) - int(self.plan.u_shaped)]
@@ -132,6 +140,20 @@ class ChainJob:
             head.requires_grad_(False)
         tcfg = cfg.training
         shapes = self._segment_input_shapes(segs)
+        wm = cfg.watermark.enabled
+        self.spec = WatermarkSpec(**cfg.watermark.model_dump(exclude={"enabled"})) if wm else None
+        self.verifier = (
+            Verifier(
+                job_id=self.job_id,
+                transport=self.transport,
+                trainers=names,
+                spec=self.spec,
+                identity=self._identity("verifier"),
+                state_dir=run_dir / "verifier" if run_dir else None,
+            )
+            if wm
+            else None
+        )
         self.trainers: list[Trainer] = []
         for i, seg in enumerate(trainer_segs):
             self.trainers.append(
@@ -148,7 +170,8 @@ class ChainJob:
                     input_shape=shapes[i + 1],
                     num_outputs=output_dim(cfg, data.num_classes),
                     u_shaped=self.plan.u_shaped,
-                    hooks=trainer_hooks[i] if trainer_hooks else None,
+                    hooks=self._stage_provenance(i, names) if wm else None,
+                    verifier="verifier" if wm else None,
                     checkpoint_dir=run_dir / names[i] if run_dir else None,
                 )
             )
@@ -165,7 +188,39 @@ class ChainJob:
             tail=tail,
             tail_optimizer=make_optimizer(tail.parameters(), tcfg) if tail is not None else None,
             defence=defence,
+            verifier="verifier" if wm else None,
             checkpoint_dir=run_dir / "data_owner" if run_dir else None,
+        )
+        for t in self.trainers:
+            t.register_with_verifier()
+
+    def _identity(self, name: str) -> Identity:
+        """A party's Ed25519 identity, kept in its own folder so a resumed job keeps it."""
+        path = self.run_dir / name / "identity.pem" if self.run_dir else None
+        if path is not None and path.exists():
+            return Identity.load(path, name=name)
+        ident = Identity.generate(name)
+        if path is not None:
+            ident.save(path)
+        return ident
+
+    def _stage_provenance(self, i: int, names: list[str]) -> StageProvenance:
+        key_path = self.run_dir / names[i] / "watermark.key" if self.run_dir else None
+        if key_path is not None and key_path.exists():
+            wm_key = bytes.fromhex(key_path.read_text().strip())
+        else:
+            wm_key = new_watermark_key()
+            if key_path is not None:
+                atomic_write_bytes(key_path, wm_key.hex().encode(), mode=0o600)
+        return StageProvenance(
+            identity=self._identity(names[i]),
+            wm_key=wm_key,
+            spec=self.spec,
+            job_id=self.job_id,
+            position=i + 1,
+            prev=names[i - 1] if i else "data_owner",
+            next=names[i + 1] if i + 1 < len(names) else None,
+            n_positions=len(names),
         )
 
     def _segment_input_shapes(self, segs: list[nn.Module]) -> list[tuple[int, ...]]:
@@ -191,6 +246,9 @@ class ChainJob:
         rnd = min(rounds)  # type: ignore[type-var]
         for p, d in zip(self.parties, dirs, strict=True):
             p.load(round_prefix(d, rnd))
+        if self.verifier is not None:
+            self.verifier.load_state_dict(json.loads((self.run_dir / "verifier" / STATE_FILE).read_text()))
+            self.verifier.truncate(rnd + 1)
         return rnd + 1
 
     def run(

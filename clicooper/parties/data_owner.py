@@ -27,7 +27,16 @@ from clicooper.data import DatasetSplits
 from clicooper.parties.base import Party, ProtocolError, check_tensor
 from clicooper.seeding import epoch_order, generator
 from clicooper.transport.base import Transport
-from clicooper.transport.messages import Backward, Forward, Output, RoundEnd, RoundSealed, Targets
+from clicooper.transport.messages import (
+    Backward,
+    Forward,
+    Output,
+    RoundEnd,
+    RoundOpen,
+    RoundOpened,
+    RoundSealed,
+    Targets,
+)
 
 StepCallback = Callable[[int, int], None]
 
@@ -61,6 +70,7 @@ class DataOwner(Party):
         tail: nn.Module | None = None,
         tail_optimizer: torch.optim.Optimizer | None = None,
         defence: DataOwnerDefence | None = None,
+        verifier: str | None = None,
         checkpoint_dir: Path | None = None,
         name: str = "data_owner",
     ) -> None:
@@ -73,14 +83,20 @@ class DataOwner(Party):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed = seed
         self.defence = defence
+        self.verifier = verifier
         self.checkpoint_dir = checkpoint_dir
         self.rounds_done = 0
-        self.records: dict[int, list[str]] = {}
         self._released: torch.Tensor | None = None  # one-shot release cache
         with torch.no_grad():
             self.activation_shape = tuple(head.eval()(data.train_x[:1]).shape[1:])
         transport.register(name, None)
-        self._allowed = {Backward: (self.first,), Output: (self.last,), RoundSealed: tuple(trainers)}
+        self._allowed: dict[type, tuple[str, ...]] = {
+            Backward: (self.first,),
+            Output: (self.last,),
+            RoundSealed: tuple(trainers),
+        }
+        if verifier is not None:
+            self._allowed[RoundOpened] = (verifier,)
 
     # -- helpers ----------------------------------------------------------
     def _receive(self, cls: type, rnd: int, step: int):
@@ -114,6 +130,9 @@ class DataOwner(Party):
     # -- training ---------------------------------------------------------
     def train_round(self, rnd: int, on_step: StepCallback | None = None) -> float:
         """One epoch through the chain; returns the mean training loss reported by the chain."""
+        if self.verifier is not None:  # the verifier issues the round's nonce to every trainer
+            self.send(RoundOpen, self.verifier, rnd, 0)
+            self._receive(RoundOpened, rnd, 0)
         if self.defence is not None:
             self.defence.begin_round(rnd)
         one_shot = self.defence is not None and self.defence.one_shot
@@ -168,14 +187,12 @@ class DataOwner(Party):
     def _end_round(self, rnd: int, steps: int, samples: int) -> None:
         for t in self.trainers:
             self.send(RoundEnd, t, rnd, steps, steps=steps, samples=samples)
-        records = []
+        sealed = set()
         for _ in self.trainers:
-            msg = self.transport.receive(self.name)
-            self.check_incoming(msg, self._allowed)
-            if not isinstance(msg, RoundSealed) or msg.header.round != rnd:
-                raise ProtocolError(f"{self.name}: expected round_sealed for round {rnd}, got {msg.KIND}")
-            records.append(msg.record)
-        self.records[rnd] = records
+            msg = self._receive(RoundSealed, rnd, steps)
+            sealed.add(msg.header.sender)
+        if sealed != set(self.trainers):
+            raise ProtocolError(f"{self.name}: round {rnd} sealed by {sorted(sealed)}, not by every trainer")
         self.rounds_done = rnd + 1
         if self.checkpoint_dir is not None:
             self.save(round_prefix(self.checkpoint_dir, rnd))
@@ -221,7 +238,6 @@ class DataOwner(Party):
         meta.update(
             rounds_done=self.rounds_done,
             defence=self.defence.state_dict() if self.defence else None,
-            records={str(k): v for k, v in self.records.items()},
         )
         return tensors, meta
 
@@ -234,6 +250,5 @@ class DataOwner(Party):
         if self.tail is not None:
             load_module_optimizer_state(self.tail, self.tail_optimizer, tensors, meta, "tail.")
         self.rounds_done = meta["rounds_done"]
-        self.records = {int(k): v for k, v in meta.get("records", {}).items()}
         if self.defence is not None and meta.get("defence") is not None:
             self.defence.load_state_dict(meta["defence"])

@@ -7,6 +7,8 @@ successor, and, if it is the last trainer, pseudo-labels from the data owner.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,15 +21,30 @@ from clicooper.checkpoint import load_module_optimizer_state, load_state, module
 from clicooper.checkpoint import round_prefix as _round_prefix
 from clicooper.parties.base import Party, ProtocolError, check_tensor
 from clicooper.transport.base import Transport
-from clicooper.transport.messages import Backward, Forward, Message, Output, RoundEnd, RoundSealed, Targets
+from clicooper.transport.messages import (
+    Backward,
+    Forward,
+    Message,
+    Nonce,
+    Output,
+    Register,
+    RoundEnd,
+    RoundSealed,
+    StageSealed,
+    Targets,
+)
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TrainerHooks(Protocol):
-    """Per-trainer extras (provenance): a loss regulariser, transcript observation, round sealing."""
+    """Per-trainer provenance duties (clicooper.provenance.stage.StageProvenance)."""
 
+    def registration(self) -> dict: ...
+    def open_round(self, rnd: int, nonce: bytes, links: list[str], segment: nn.Module) -> None: ...
     def regulariser(self, segment: nn.Module) -> torch.Tensor | None: ...
     def observe(self, neighbour: str, direction: str, rnd: int, step: int, tensor: torch.Tensor) -> None: ...
-    def seal(self, segment: nn.Module, rnd: int, steps: int, samples: int) -> str: ...
+    def seal(self, segment: nn.Module, rnd: int, steps: int, samples: int) -> tuple[str, str]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -55,6 +72,7 @@ class Trainer(Party):
         num_outputs: int | None = None,
         u_shaped: bool = False,
         hooks: TrainerHooks | None = None,
+        verifier: str | None = None,
         checkpoint_dir: Path | None = None,
     ) -> None:
         super().__init__(name, job_id, transport)
@@ -67,6 +85,9 @@ class Trainer(Party):
         self.input_shape = tuple(input_shape)
         self.num_outputs = num_outputs
         self.hooks = hooks
+        self.verifier = verifier
+        if (hooks is None) != (verifier is None):
+            raise ValueError(f"{name}: provenance hooks and a verifier go together")
         self.checkpoint_dir = checkpoint_dir
         self._inflight: dict[tuple[int, int], _InFlight] = {}
         self._targets: dict[tuple[int, int], torch.Tensor] = {}
@@ -83,6 +104,8 @@ class Trainer(Party):
             self._allowed[Backward] = (downstream,)
         if self.is_last and not u_shaped:
             self._allowed[Targets] = (data_owner,)
+        if verifier is not None:
+            self._allowed[Nonce] = (verifier,)
         transport.register(name, self.handle)
 
     # -- message handling -------------------------------------------------
@@ -96,6 +119,27 @@ class Trainer(Party):
             self._on_backward(msg)
         elif isinstance(msg, RoundEnd):
             self._on_round_end(msg)
+        elif isinstance(msg, Nonce):
+            self._on_nonce(msg)
+
+    def register_with_verifier(self) -> None:
+        """Send identity and escrowed watermark key to the verifier (before any round opens)."""
+        if self.hooks is not None and self.verifier is not None:
+            self.send(Register, self.verifier, 0, 0, **self.hooks.registration())
+
+    def _on_nonce(self, msg: Nonce) -> None:
+        try:
+            nonce = bytes.fromhex(msg.nonce)
+            links = json.loads(msg.links)
+        except ValueError:
+            raise ProtocolError(f"{self.name}: malformed nonce message from {msg.header.sender}") from None
+        if (
+            len(nonce) < 16
+            or not isinstance(links, list)
+            or not all(isinstance(x, str) and _HEX64.match(x) for x in links)
+        ):
+            raise ProtocolError(f"{self.name}: nonce must be >= 16 bytes and links a list of SHA-256 digests")
+        self.hooks.open_round(msg.header.round, nonce, links, self.segment)
 
     def _observe(self, neighbour: str, direction: str, msg_key: tuple[int, int], t: torch.Tensor) -> None:
         if self.hooks is not None:
@@ -196,14 +240,16 @@ class Trainer(Party):
         rnd = msg.header.round
         if self._inflight or self._targets:
             raise ProtocolError(f"{self.name}: round {rnd} ended with {len(self._inflight)} steps in flight")
-        record = ""
         if self.hooks is not None:
-            record = self.hooks.seal(self.segment, rnd, self.round_steps, self.round_samples)
+            record, attestations = self.hooks.seal(self.segment, rnd, self.round_steps, self.round_samples)
+            self.send(
+                StageSealed, self.verifier, rnd, msg.header.step, record=record, attestations=attestations
+            )
         self.rounds_sealed = rnd + 1
         if self.checkpoint_dir is not None:
             self.save(_round_prefix(self.checkpoint_dir, rnd))
         self.round_steps = self.round_samples = 0
-        self.send(RoundSealed, self.data_owner, rnd, msg.header.step, record=record)
+        self.send(RoundSealed, self.data_owner, rnd, msg.header.step)
 
     # -- state ------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -78,13 +78,69 @@ class RoundEnd(Message):
 
 @dataclass(frozen=True)
 class RoundSealed(Message):
-    """A trainer's acknowledgement that it sealed the round (and, with provenance on,
-    signed its stage record). `record` is canonical JSON or empty."""
+    """A trainer's acknowledgement to the data owner that it sealed and checkpointed the round
+    (with provenance on, its signed stage record went to the verifier)."""
 
     KIND: ClassVar[str] = "round_sealed"
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    """A trainer registers with the verifier before training: its Ed25519 public key and its
+    watermark key in escrow (hex). Over the network this travels only inside mutual TLS."""
+
+    KIND: ClassVar[str] = "register"
+    position: int = 0
+    public_key: str = ""
+    wm_key: str = ""
+
+
+@dataclass(frozen=True)
+class RoundOpen(Message):
+    """The data owner asks the verifier to open a round (issue its nonce)."""
+
+    KIND: ClassVar[str] = "round_open"
+
+
+@dataclass(frozen=True)
+class Nonce(Message):
+    """The verifier's fresh nonce for a round, and the digests of the records the receiving
+    trainer's watermark must be chained to (JSON list of hex digests)."""
+
+    KIND: ClassVar[str] = "nonce"
+    nonce: str = ""
+    links: str = "[]"
+
+
+@dataclass(frozen=True)
+class RoundOpened(Message):
+    """The verifier's acknowledgement to the data owner: every trainer has its nonce."""
+
+    KIND: ClassVar[str] = "round_opened"
+
+
+@dataclass(frozen=True)
+class StageSealed(Message):
+    """A trainer's signed stage record and transcript attestations for a round (JSON)."""
+
+    KIND: ClassVar[str] = "stage_sealed"
     record: str = ""
+    attestations: str = "[]"
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Forward, Targets, Backward, Output, RoundEnd, RoundSealed)
+    cls.KIND: cls
+    for cls in (
+        Forward,
+        Targets,
+        Backward,
+        Output,
+        RoundEnd,
+        RoundSealed,
+        Register,
+        RoundOpen,
+        Nonce,
+        RoundOpened,
+        StageSealed,
+    )
 }

@@ -1,0 +1,138 @@
+"""A trainer's provenance duties during a job (the `TrainerHooks` of parties/trainer.py).
+
+Per round: derive the watermark from the verifier's nonce and the preceding records,
+add its regulariser to every local step, hash the transcript with each neighbour, and
+at round end sign a stage record and transcript attestations for the verifier.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from clicooper.provenance.identity import Identity
+from clicooper.provenance.records import (
+    TranscriptHasher,
+    attest_transcript,
+    build_stage_record,
+    link_direction,
+    sign_record,
+)
+from clicooper.provenance.watermark import WatermarkEmbedder, WatermarkSpec
+
+
+class StageProvenance:
+    """State of one trainer's watermark and records; checkpointed with the trainer."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        wm_key: bytes,
+        spec: WatermarkSpec,
+        job_id: str,
+        position: int,
+        prev: str,
+        next: str | None,
+        n_positions: int,
+    ) -> None:
+        self.identity, self.wm_key, self.spec = identity, wm_key, spec
+        self.job_id, self.position, self.n_positions = job_id, position, n_positions
+        self.prev, self.next = prev, next
+        self.round: int | None = None
+        self.nonce: bytes = b""
+        self.links: list[str] = []
+        self.embedder: WatermarkEmbedder | None = None
+        self.hashers = {"prev": TranscriptHasher(), "next": TranscriptHasher()}
+
+    def open_round(self, rnd: int, nonce: bytes, links: list[str], segment: nn.Module) -> None:
+        self.round, self.nonce, self.links = rnd, nonce, links
+        self.embedder = WatermarkEmbedder.for_round(
+            self.spec,
+            self.wm_key,
+            nonce=nonce,
+            identity_fp=self.identity.fingerprint(),
+            prev_digests=links,
+            segment=segment,
+        )
+        self.hashers = {"prev": TranscriptHasher(), "next": TranscriptHasher()}
+
+    # -- TrainerHooks -----------------------------------------------------
+    def regulariser(self, segment: nn.Module) -> torch.Tensor | None:
+        if self.embedder is None:
+            raise RuntimeError(
+                f"trainer at position {self.position}: training before the verifier opened the round"
+            )
+        return self.embedder.regulariser(segment)
+
+    def observe(self, neighbour: str, direction: str, rnd: int, step: int, tensor: torch.Tensor) -> None:
+        side = "prev" if neighbour == self.prev else "next"
+        self.hashers[side].update_tensor(link_direction(side, direction), rnd, step, tensor)
+
+    def registration(self) -> dict:
+        """What the verifier needs before training: position, public key, escrowed watermark key."""
+        return {
+            "position": self.position,
+            "public_key": self.identity.public_key_bytes().hex(),
+            "wm_key": self.wm_key.hex(),
+        }
+
+    def seal(self, segment: nn.Module, rnd: int, steps: int, samples: int) -> tuple[str, str]:
+        """Sign the round's stage record and transcript attestations (both JSON) for the verifier."""
+        if self.round != rnd or self.embedder is None:
+            raise RuntimeError(f"trainer at position {self.position}: round {rnd} was never opened")
+        record = build_stage_record(
+            job_id=self.job_id,
+            rnd=rnd,
+            position=self.position,
+            identity=self.identity,
+            wm_key=self.wm_key,
+            nonce=self.nonce,
+            bits=self.embedder.bits,
+            state_dict=segment.state_dict(),
+            steps=steps,
+            samples=samples,
+            transcripts={s: h.digest() for s, h in self.hashers.items()},
+            prev_record_digests=self.links,
+        )
+        signed = sign_record(self.identity, record)
+        atts = []
+        if self.position > 1:
+            atts.append(
+                attest_transcript(
+                    self.identity,
+                    self.job_id,
+                    rnd,
+                    self.position,
+                    self.position - 1,
+                    self.hashers["prev"].digest(),
+                )
+            )
+        if self.next is not None:
+            atts.append(
+                attest_transcript(
+                    self.identity,
+                    self.job_id,
+                    rnd,
+                    self.position,
+                    self.position + 1,
+                    self.hashers["next"].digest(),
+                )
+            )
+        self.embedder = None
+        return signed.to_json(), json.dumps([a.model_dump(mode="json") for a in atts])
+
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "nonce": self.nonce.hex(),
+            "links": self.links,
+            "hashers": {s: h.state_dict() for s, h in self.hashers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round, self.nonce, self.links = state["round"], bytes.fromhex(state["nonce"]), state["links"]
+        for s, h in self.hashers.items():
+            h.load_state_dict(state["hashers"][s])
