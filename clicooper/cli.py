@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,8 @@ from clicooper.job import ChainJob, RunSummary, new_run_dir, prepare_data, train
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BENCHMARKS.md).")
 app.add_typer(bench_app, name="bench")
+verify_app = typer.Typer(no_args_is_help=True, help="The verifier: check a job, or an ownership claim.")
+app.add_typer(verify_app, name="verify")
 console = Console()
 
 DEMO = {
@@ -100,7 +103,32 @@ def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSumm
             on_epoch=_epoch_printer("chain"),
             on_step=lambda i, n: prog.update(task, completed=i, total=n),
         )
+    if cfg.watermark.enabled:
+        _print_verdict(run_dir)
     return summary
+
+
+def _print_verdict(run_dir: Path) -> bool:
+    """Run the verifier over a finished job and print its verdict; True if verified."""
+    from clicooper.parties import verify_run
+
+    t0 = time.perf_counter()
+    verdict, cert = verify_run(run_dir)
+    took = time.perf_counter() - t0
+    for f in verdict.failures:
+        console.print(f"[red]{f}[/]")
+    t = Table(title=f"verifier: {verdict.summary().splitlines()[0]}")
+    for col in ("position", "bit errors", "threshold", "p-value", "watermark"):
+        t.add_column(col)
+    for pos, wv in sorted(verdict.final_watermarks.items()):
+        mark = "[green]match[/]" if wv.matched else "[red]no match[/]"
+        t.add_row(str(pos), f"{wv.bit_errors}/{wv.n_bits}", str(wv.threshold), f"{wv.p_value:.2e}", mark)
+    console.print(t)
+    fp = next(iter(verdict.final_watermarks.values())).fp_bound if verdict.final_watermarks else None
+    console.print(f"false-positive bound per check: {fp}; verification took {took:.2f} s")
+    if cert is not None:
+        console.print(f"certificate: {run_dir / 'verifier' / 'certificate.json'}")
+    return verdict.ok
 
 
 @app.command()
@@ -180,6 +208,68 @@ def datasets() -> None:
     for d in available_datasets():
         t.add_row(d.name, d.kind, d.description, d.how_to_get)
     console.print(t)
+
+
+@app.command()
+def keys(
+    name: Annotated[str, typer.Argument(help="Party name (e.g. trainer_1, verifier).")],
+    out: Annotated[Path, typer.Option(help="Folder for the key files.")] = Path("keys"),
+) -> None:
+    """Create an Ed25519 identity (PEM, mode 0600) and a watermark key for a party."""
+    from clicooper.checkpoint import atomic_write_bytes
+    from clicooper.provenance import Identity, new_watermark_key
+
+    pem = out / f"{name}.pem"
+    if pem.exists():
+        _fail(f"{pem} exists; refusing to overwrite a key")
+    ident = Identity.generate(name)
+    ident.save(pem)
+    atomic_write_bytes(out / f"{name}.wmkey", new_watermark_key().hex().encode(), mode=0o600)
+    atomic_write_bytes(out / f"{name}.pub.json", ident.public().model_dump_json().encode())
+    console.print(
+        f"{name}: fingerprint {ident.fingerprint()}\n  private key {pem}\n  watermark key "
+        f"{out / (name + '.wmkey')}\n  public identity {out / (name + '.pub.json')}"
+    )
+
+
+@verify_app.command("job")
+def verify_job(run_dir: Annotated[Path, typer.Argument(help="A finished job's run folder.")]) -> None:
+    """Verify every stage of a job (signatures, links, nonces, weights, transcripts, watermarks)."""
+    try:
+        ok = _print_verdict(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    raise typer.Exit(0 if ok else 1)
+
+
+@verify_app.command("ownership")
+def verify_ownership(
+    model_file: Annotated[Path, typer.Argument(help="Suspect segment (safetensors).")],
+    run: Annotated[Path, typer.Option(help="Run folder whose registered trainers are checked.")],
+) -> None:
+    """Extract the marks of every registered trainer from a suspect segment; report matches and p-values."""
+    from safetensors.torch import load_file
+
+    from clicooper.parties.verifier import load_evidence
+    from clicooper.provenance import final_claims, ownership_query
+
+    try:
+        ev = load_evidence(run / "verifier")
+        tensors = load_file(str(model_file))
+    except (FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    if any(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    claims = final_claims(ev.records, ev.registry, ev.nonces, ev.spec)
+    matches = ownership_query(tensors, ev.registry, claims, ev.spec)
+    t = Table("trainer", "position", "bit errors", "p-value", "verdict", title=f"ownership of {model_file}")
+    for m in matches:
+        v = m.verdict
+        verdict = "[green]MATCH[/]" if m.matched else (m.error or "no match")
+        errors = f"{v.bit_errors}/{v.n_bits}" if v else "-"
+        t.add_row(m.name, str(m.position), errors, f"{v.p_value:.2e}" if v else "-", verdict)
+    console.print(t)
+    raise typer.Exit(0 if any(m.matched for m in matches) else 1)
 
 
 @bench_app.command("relay")
