@@ -22,6 +22,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BE
 app.add_typer(bench_app, name="bench")
 verify_app = typer.Typer(no_args_is_help=True, help="The verifier: check a job, or an ownership claim.")
 app.add_typer(verify_app, name="verify")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluations: reports with the undefended baseline beside.")
+app.add_typer(eval_app, name="eval")
 console = Console()
 
 DEMO = {
@@ -270,6 +272,36 @@ def verify_ownership(
         t.add_row(m.name, str(m.position), errors, f"{v.p_value:.2e}" if v else "-", verdict)
     console.print(t)
     raise typer.Exit(0 if any(m.matched for m in matches) else 1)
+
+
+def _eval_config(quick: bool, dataset: str | None, path: Path | None) -> JobConfig:
+    cfg = demo_config()
+    if dataset is not None:
+        cfg = cfg.replace(data={"dataset": dataset, "path": str(path) if path else None})
+    if quick:
+        cfg = cfg.replace(data={"train_subset": 2000, "test_subset": 500}, training={"epochs": 2})
+    return cfg
+
+
+@eval_app.command("watermark")
+def eval_watermark(
+    quick: Annotated[bool, typer.Option("--quick", help="Small subset and attack grid (for tests).")] = False,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/watermark"),
+    dataset: Annotated[
+        str | None, typer.Option(help="Any registered dataset (default: fashion-mnist).")
+    ] = None,
+    path: Annotated[Path | None, typer.Option(help="Data path for on-disk formats.")] = None,
+) -> None:
+    """Watermark robustness (fine-tuning, pruning, quantisation, overwriting, forged/replayed evidence)."""
+    from clicooper.evaluation.watermark import run_watermark_eval
+
+    cfg = _eval_config(quick, dataset, path)
+    try:
+        data = prepare_data(cfg)
+    except Exception as e:  # noqa: BLE001
+        _fail(str(e))
+    md = run_watermark_eval(cfg, data, out, quick=quick)
+    console.print(f"report: {md} (and {md.with_suffix('.html')})")
 
 
 @bench_app.command("relay")
