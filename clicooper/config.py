@@ -57,6 +57,7 @@ class TrainingSection(_Section):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(1000, ge=1)
+    sampling: Literal["shuffle", "poisson"] = "shuffle"
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

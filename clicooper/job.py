@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -28,7 +29,7 @@ from clicooper.parties import DataOwner, Trainer, Verifier
 from clicooper.parties.verifier import STATE_FILE
 from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
 from clicooper.provenance.stage import StageProvenance
-from clicooper.seeding import derive_seed, epoch_order
+from clicooper.seeding import derive_seed, epoch_batches
 from clicooper.transport import InProcTransport, Transport
 
 EpochCallback = Callable[[dict], None]
@@ -130,6 +131,8 @@ class ChainJob:
         self.transport = transport or InProcTransport()
         self.job_id = job_id or (run_dir.name if run_dir else f"{cfg.job.name}-inproc")
         self.model, self.plan = build_model_and_plan(cfg, data, model)
+        self._train_bytes: Counter[tuple[str, str]] = Counter()
+        self._train_steps = 0
         segs = split_model(self.model, self.plan)
         head, tail = segs[0], (segs[-1] if self.plan.u_shaped else None)
         trainer_segs = segs[1 : len(segs) - int(self.plan.u_shaped)]
@@ -185,6 +188,7 @@ class ChainJob:
             batch_size=tcfg.batch_size,
             eval_batch_size=tcfg.eval_batch_size,
             seed=cfg.job.seed,
+            poisson=tcfg.sampling == "poisson",
             tail=tail,
             tail_optimizer=make_optimizer(tail.parameters(), tcfg) if tail is not None else None,
             defence=defence,
@@ -265,8 +269,11 @@ class ChainJob:
         acc = float("nan")
         for rnd in range(start_round, self.cfg.training.epochs):
             te = time.perf_counter()
+            before = Counter(self.transport.bytes_sent)
             loss = self.data_owner.train_round(rnd, on_step)
             train_time = time.perf_counter() - te
+            self._train_bytes.update(Counter(self.transport.bytes_sent) - before)
+            self._train_steps += self.data_owner.last_round_steps
             epoch_times.append(train_time)
             acc = self.data_owner.evaluate("test", tag=rnd)
             row = {"epoch": rnd + 1, "train_loss": loss, "test_accuracy": acc, "epoch_time_s": train_time}
@@ -287,12 +294,8 @@ class ChainJob:
         return {"epsilon": d.epsilon(), "delta": d.delta}
 
     def _summary(self, acc: float, wall: float, epoch_times: list[float]) -> RunSummary:
-        steps = max(sum(1 for _ in range(0, len(self.data.train_x), self.cfg.training.batch_size)), 1)
-        n_rounds = max(len(epoch_times), 1)
-        hops = {
-            f"{s}->{r}": round(b / (steps * n_rounds + 1e-9), 1)
-            for (s, r), b in sorted(self.transport.bytes_sent.items())
-        }
+        steps = max(self._train_steps, 1)
+        hops = {f"{s}->{r}": round(b / steps, 1) for (s, r), b in sorted(self._train_bytes.items())}
         s = RunSummary(
             mode="chain",
             dataset=self.data.name,
@@ -331,12 +334,16 @@ def train_centralized(
     epoch_times, t0, acc = [], time.perf_counter(), float("nan")
     for epoch in range(cfg.training.epochs):
         te = time.perf_counter()
-        order = epoch_order(cfg.job.seed, epoch, len(data.train_x))
+        batches = epoch_batches(
+            cfg.job.seed, epoch, len(data.train_x), bs, poisson=cfg.training.sampling == "poisson"
+        )
         model.train()
-        n_steps = (len(order) + bs - 1) // bs
+        n_steps, n_seen = len(batches), 0
         total = 0.0
-        for step in range(n_steps):
-            ids = order[step * bs : (step + 1) * bs]
+        for step, ids in enumerate(batches):
+            if len(ids) == 0:
+                continue
+            n_seen += len(ids)
             loss = F.cross_entropy(model(data.train_x[ids]), data.train_y[ids])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -348,7 +355,7 @@ def train_centralized(
         acc = evaluate_model(model, data.test_x, data.test_y, cfg.training.eval_batch_size)
         row = {
             "epoch": epoch + 1,
-            "train_loss": total / len(order),
+            "train_loss": total / max(n_seen, 1),
             "test_accuracy": acc,
             "epoch_time_s": epoch_times[-1],
         }

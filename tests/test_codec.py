@@ -14,6 +14,7 @@ from clicooper.transport import (
     decode,
     encode,
 )
+from clicooper.transport.messages import StageSealed
 
 H = Header("job", "a", "b", 1, 2, 3)
 
@@ -25,7 +26,8 @@ H = Header("job", "a", "b", 1, 2, 3)
         Backward(header=H, grad=torch.randn(7, 11), loss=0.25),
         Targets(header=H, labels=torch.tensor([0, 5, 19])),
         Output(header=H, output=torch.randn(2, 20).double(), train=True),
-        RoundSealed(header=H, record='{"a": 1}'),
+        RoundSealed(header=H),
+        StageSealed(header=H, record='{"a": 1}', attestations="[]"),
         Forward(header=H, activation=torch.empty(0, 3)),
     ],
 )

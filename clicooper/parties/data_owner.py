@@ -25,7 +25,7 @@ from clicooper.checkpoint import (
 )
 from clicooper.data import DatasetSplits
 from clicooper.parties.base import Party, ProtocolError, check_tensor
-from clicooper.seeding import epoch_order, generator
+from clicooper.seeding import epoch_batches, generator
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
     Backward,
@@ -67,6 +67,7 @@ class DataOwner(Party):
         batch_size: int,
         eval_batch_size: int,
         seed: int,
+        poisson: bool = False,
         tail: nn.Module | None = None,
         tail_optimizer: torch.optim.Optimizer | None = None,
         defence: DataOwnerDefence | None = None,
@@ -81,11 +82,12 @@ class DataOwner(Party):
         self.trainers = trainers
         self.first, self.last = trainers[0], trainers[-1]
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.seed = seed
+        self.seed, self.poisson = seed, poisson
         self.defence = defence
         self.verifier = verifier
         self.checkpoint_dir = checkpoint_dir
         self.rounds_done = 0
+        self.last_round_steps = 0
         self._released: torch.Tensor | None = None  # one-shot release cache
         with torch.no_grad():
             self.activation_shape = tuple(head.eval()(data.train_x[:1]).shape[1:])
@@ -137,13 +139,14 @@ class DataOwner(Party):
             self.defence.begin_round(rnd)
         one_shot = self.defence is not None and self.defence.one_shot
         released_all = self._one_shot_release() if one_shot else None
-        order = epoch_order(self.seed, rnd, len(self.data.train_x))
+        batches = epoch_batches(self.seed, rnd, len(self.data.train_x), self.batch_size, poisson=self.poisson)
         gen = generator(self.seed, "dp", rnd)
-        n_steps = (len(order) + self.batch_size - 1) // self.batch_size
+        n_steps = len(batches)
         losses, samples = [], 0
         self.head.train(not one_shot)
-        for step in range(n_steps):
-            ids = order[step * self.batch_size : (step + 1) * self.batch_size]
+        for step, ids in enumerate(batches):
+            if len(ids) == 0:  # an empty Poisson batch: nothing is released
+                continue
             x, y = self.data.train_x[ids], self.data.train_y[ids]
             if released_all is not None:
                 a_rel = released_all[ids]
@@ -170,6 +173,7 @@ class DataOwner(Party):
             samples += len(ids)
             if on_step is not None:
                 on_step(step + 1, n_steps)
+        self.last_round_steps = n_steps
         self._end_round(rnd, n_steps, samples)
         return sum(losses) / max(samples, 1)
 
