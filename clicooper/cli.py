@@ -304,6 +304,28 @@ def eval_watermark(
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
 
 
+@eval_app.command("utility")
+def eval_utility(
+    quick: Annotated[bool, typer.Option("--quick", help="Small subset and grid (for tests).")] = False,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/utility"),
+    dataset: Annotated[
+        str | None, typer.Option(help="Any registered dataset (default: fashion-mnist).")
+    ] = None,
+    path: Annotated[Path | None, typer.Option(help="Data path for on-disk formats.")] = None,
+) -> None:
+    """Accuracy vs epsilon for gamma in {1,2,4}, both release modes; CSV, PNG and report."""
+    from clicooper.evaluation.utility import run_utility_sweep
+
+    cfg = _eval_config(quick, dataset, path)
+    try:
+        data = prepare_data(cfg)
+    except Exception as e:  # noqa: BLE001
+        _fail(str(e))
+    grid = {"epsilons": (2.0, float("inf")), "gammas": (1, 2)} if quick else {}
+    md = run_utility_sweep(cfg, data, out, **grid)
+    console.print(f"report: {md} (CSV: {out / 'utility.csv'}, plot: {out / 'utility.png'})")
+
+
 @bench_app.command("relay")
 def bench_relay_cmd(
     quick: Annotated[

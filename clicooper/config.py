@@ -41,6 +41,8 @@ class ModelSection(_Section):
     capacities: list[float] | None = None
     balance_by: Literal["flops", "params"] = "flops"
     head_blocks: int = Field(1, ge=1)
+    head_pretrain_epochs: int = Field(0, ge=0)
+    freeze_head: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSection:
@@ -75,7 +77,8 @@ class PrivacySection(_Section):
     release: Literal["per-step", "one-shot"] = "per-step"
     accountant: Literal["pld", "rdp"] = "pld"
     budget_epsilon: float | None = Field(None, gt=0)
-    noise_at_inference: bool = True
+    noise_at_inference: bool = False
+    secret_seed: int | None = None
     gamma: int = Field(1, ge=1, le=64)
     label_policy: Literal["fixed", "per-epoch"] = "fixed"
     u_shaped: bool = False

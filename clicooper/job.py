@@ -9,6 +9,7 @@ its own checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from collections import Counter
@@ -27,6 +28,8 @@ from clicooper.data import DatasetSplits, load_dataset
 from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_from_cuts, split_model
 from clicooper.parties import DataOwner, Trainer, Verifier
 from clicooper.parties.verifier import STATE_FILE
+from clicooper.privacy.defence import DataOwnerDefences
+from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
 from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
 from clicooper.provenance.stage import StageProvenance
 from clicooper.seeding import derive_seed, epoch_batches
@@ -54,6 +57,10 @@ class RunSummary:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def make_optimizer(params, cfg: TrainingSection) -> torch.optim.Optimizer:
@@ -113,6 +120,55 @@ def new_run_dir(cfg: JobConfig, suffix: str = "") -> Path:
     return d
 
 
+def pretrain_head(head: nn.Module, data: DatasetSplits, cfg: JobConfig) -> None:
+    """The data owner's local "prep work": train the head with a throw-away linear probe on its own
+    data (nothing leaves it), so that the activations it later releases are already discriminative.
+    The probe reads L2-normalised activations, matching what clipping leaves of them."""
+    with torch.no_grad():
+        dim = head(data.train_x[:1]).flatten(1).shape[1]
+    probe = nn.Linear(dim, data.num_classes)
+    opt = torch.optim.Adam([*head.parameters(), *probe.parameters()], lr=1e-3)
+    head.train()
+    for epoch in range(cfg.model.head_pretrain_epochs):
+        for ids in epoch_batches(cfg.job.seed, f"pretrain-{epoch}", len(data.train_x), 128):
+            a = head(data.train_x[ids]).flatten(1)
+            a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            loss = F.cross_entropy(probe(a) * 10, data.train_y[ids])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def build_defence(cfg: JobConfig, data: DatasetSplits, run_dir: Path | None) -> DataOwnerDefences | None:
+    """The data owner's defences from `[privacy]`, or None for the plain chain. The codebook secret is
+    kept in the data owner's own folder (mode 0600), apart from every checkpoint."""
+    p = cfg.privacy
+    if not p.dp and p.gamma == 1:
+        return None
+    secret_path = run_dir / "data_owner" / "secret.json" if run_dir else None
+    if secret_path is not None and secret_path.exists():
+        secret = load_secret(secret_path, None)
+    elif p.secret_seed is not None:  # reproducible experiments only: the seed must then stay private
+        secret = hashlib.sha256(f"clicooper-secret:{p.secret_seed}".encode()).digest()
+    else:
+        secret = generate_secret()
+    if secret_path is not None and not secret_path.exists():
+        save_secret_encrypted(secret_path, secret, None)
+    return DataOwnerDefences(
+        p,
+        num_classes=data.num_classes,
+        epochs=cfg.training.epochs,
+        n_train=len(data.train_x),
+        batch_size=cfg.training.batch_size,
+        poisson=cfg.training.sampling == "poisson",
+        secret=secret,
+        ledger_dir=run_dir / "data_owner" if run_dir else None,
+    )
+
+
+FROM_CONFIG = object()  # sentinel: build the data owner's defences from the job's [privacy] section
+
+
 class ChainJob:
     """A data owner and n trainers wired to one transport."""
 
@@ -123,7 +179,7 @@ class ChainJob:
         run_dir: Path | None,
         *,
         transport: Transport | None = None,
-        defence=None,
+        defence: object = FROM_CONFIG,
         job_id: str | None = None,
         model: nn.Sequential | None = None,
     ) -> None:
@@ -135,11 +191,15 @@ class ChainJob:
         self._train_steps = 0
         segs = split_model(self.model, self.plan)
         head, tail = segs[0], (segs[-1] if self.plan.u_shaped else None)
+        if cfg.model.head_pretrain_epochs:
+            pretrain_head(head, data, cfg)
+        if defence is FROM_CONFIG:
+            defence = build_defence(cfg, data, run_dir)
         trainer_segs = segs[1 : len(segs) - int(self.plan.u_shaped)]
         names = [f"trainer_{i + 1}" for i in range(len(trainer_segs))]
         self.defence = defence
         one_shot = defence is not None and getattr(defence, "one_shot", False)
-        if one_shot:
+        if one_shot or cfg.model.freeze_head:
             head.requires_grad_(False)
         tcfg = cfg.training
         shapes = self._segment_input_shapes(segs)
@@ -183,7 +243,7 @@ class ChainJob:
             transport=self.transport,
             data=data,
             head=head,
-            head_optimizer=None if one_shot else make_optimizer(head.parameters(), tcfg),
+            head_optimizer=make_optimizer(head.parameters(), tcfg) if _trainable(head) else None,
             trainers=names,
             batch_size=tcfg.batch_size,
             eval_batch_size=tcfg.eval_batch_size,

@@ -25,6 +25,35 @@ def small_cnn(input_shape: tuple[int, ...], num_outputs: int, width: int = 16) -
     )
 
 
+def small_cnn_dp(
+    input_shape: tuple[int, ...], num_outputs: int, width: int = 16, embed: int = 16
+) -> nn.Sequential:
+    """A small CNN whose head ends in a low-dimensional embedding, for activation DP.
+
+    Noise of per-coordinate std sigma*C on a d-dimensional release buries a signal of norm C
+    ever deeper as d grows (the error of any class statistic a trainer can learn grows like
+    sigma*sqrt(d/n)), so the data owner's head releases `embed` numbers per sample, not a
+    feature map. The price: the convolutions stay with the data owner.
+    """
+    c, h, w = input_shape
+    flat = 2 * width * (h // 4) * (w // 4)
+    return nn.Sequential(
+        nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(flat, embed),
+        ),
+        nn.Sequential(nn.Linear(embed, 256), nn.ReLU()),
+        nn.Sequential(nn.Linear(256, 256), nn.ReLU()),
+        nn.Sequential(nn.Linear(256, num_outputs)),
+    )
+
+
 class ResidualBlock(nn.Module):
     """The basic two-convolution residual block of ResNet (He et al. 2016)."""
 
@@ -72,7 +101,12 @@ def mlp(input_shape: tuple[int, ...], num_outputs: int, hidden: int = 128, depth
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Sequential]
 
-MODELS: dict[str, ModelFactory] = {"small-cnn": small_cnn, "resnet-cifar": resnet_cifar, "mlp": mlp}
+MODELS: dict[str, ModelFactory] = {
+    "small-cnn": small_cnn,
+    "small-cnn-dp": small_cnn_dp,
+    "resnet-cifar": resnet_cifar,
+    "mlp": mlp,
+}
 
 
 def build_model(arch: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Sequential:
