@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 import torch
-from clicooper.privacy.accounting import ActivationAccountant, calibrate_noise_multiplier, check_budget
-from clicooper.privacy.activation_dp import clip_and_noise, clip_per_sample
-from clicooper.privacy.labels import LabelCodebook
 
 from clicooper.checkpoint import atomic_write_json
 from clicooper.config import PrivacySection
+from clicooper.privacy.accounting import ActivationAccountant, calibrate_noise_multiplier, check_budget
+from clicooper.privacy.activation_dp import clip_and_noise, clip_per_sample
+from clicooper.privacy.labels import LabelCodebook
 
 LEDGER = "privacy_ledger.json"
 

@@ -1,0 +1,72 @@
+"""Attack metrics shared by every table (DESIGN.md §4), so numbers mean the same thing everywhere.
+
+- `chance_advantage`: label-inference success as advantage over the uniform guess,
+  `max(0, (acc - 1/K) / (1 - 1/K))`.
+- `ssim_batch` / `psnr_batch`: reconstruction quality of images in [0, 1] (skimage, data_range=1),
+  averaged over the batch. Images are clamped to [0, 1] first: any attacker would clip its output to
+  the valid pixel range, and it keeps the metric's data range honest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+PSNR_CAP_DB = 100.0  # reported for a perfect reconstruction (skimage would return inf)
+
+
+def chance_advantage(acc: float, num_classes: int) -> float:
+    """Advantage over chance, `max(0, (acc - 1/K) / (1 - 1/K))`: 0 = no better than guessing, 1 = perfect."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if not 0.0 <= acc <= 1.0:
+        raise ValueError(f"accuracy must lie in [0, 1], got {acc}")
+    chance = 1.0 / num_classes
+    return max(0.0, (acc - chance) / (1.0 - chance))
+
+
+def _as_images(x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a pair of (N, C, H, W) batches and return them as float64 arrays clamped to [0, 1]."""
+    if x.shape != y.shape:
+        raise ValueError(f"image batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("empty image batch")
+    to_np = lambda t: t.detach().to(torch.float64).clamp(0.0, 1.0).cpu().numpy()  # noqa: E731
+    return to_np(x), to_np(y)
+
+
+def _win_size(h: int, w: int) -> int:
+    """skimage's default 7x7 window, shrunk to the largest odd size that fits (e.g. 3 for 4x4 images)."""
+    side = min(7, h, w)
+    side = side if side % 2 == 1 else side - 1
+    if side < 3:
+        raise ValueError(f"images of {h}x{w} are too small for SSIM (need at least 3x3)")
+    return side
+
+
+def ssim_batch(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean SSIM between two (N, C, H, W) batches of images in [0, 1]."""
+    a, b = _as_images(x, y)
+    win = _win_size(a.shape[2], a.shape[3])
+    scores = []
+    for xi, yi in zip(a, b, strict=True):
+        if xi.shape[0] == 1:
+            scores.append(structural_similarity(xi[0], yi[0], data_range=1.0, win_size=win))
+        else:
+            scores.append(structural_similarity(xi, yi, data_range=1.0, win_size=win, channel_axis=0))
+    return float(np.mean(scores))
+
+
+def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean PSNR (dB) between two (N, C, H, W) batches in [0, 1]; identical images count as `PSNR_CAP_DB`."""
+    a, b = _as_images(x, y)
+    scores = [
+        PSNR_CAP_DB
+        if np.array_equal(xi, yi)
+        else min(PSNR_CAP_DB, peak_signal_noise_ratio(yi, xi, data_range=1.0))
+        for xi, yi in zip(a, b, strict=True)
+    ]
+    return float(np.mean(scores))
