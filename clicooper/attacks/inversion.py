@@ -35,6 +35,26 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def _flushing_denormals() -> bool:
+    return torch.tensor([1e-39]).mul(1.0).item() == 0.0
+
+
+@contextmanager
+def _no_denormals() -> Iterator[None]:
+    """Flush denormal floats to zero while training, restoring the caller's setting afterwards.
+
+    Sigmoid outputs driven towards exact-0 pixels and Adam's squared tiny gradients underflow into
+    denormals, which make CPU kernels 10-100x slower (measured: 160 s -> 2 s for the digits decoder);
+    flushing them changes no result that matters.
+    """
+    before = _flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 @contextmanager
 def _frozen(module: nn.Module) -> Iterator[None]:
     """Evaluate `module` in eval mode with no parameter gradients, restoring its state afterwards."""
@@ -69,11 +89,12 @@ def _fit(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(inputs), generator=gen).split(batch_size):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(inputs[idx]), targets[idx]).backward()
-            opt.step()
+    with _no_denormals():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(inputs), generator=gen).split(batch_size):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(inputs[idx]), targets[idx]).backward()
+                opt.step()
     model.eval()
 
 
@@ -128,7 +149,7 @@ def whitebox_inversion(
     target = target.detach()
     x = _initial_images(target.shape[0], tuple(input_shape), init, seed).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
-    with _frozen(head):
+    with _frozen(head), _no_denormals():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             a = head(x)

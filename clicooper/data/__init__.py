@@ -1,23 +1,24 @@
-"""Datasets: the registry of built-in offline datasets and loaders for on-disk formats."""
+"""Datasets: built-ins (Fashion-MNIST by default) and on-disk formats, loaded by name."""
 
-from clicooper.data.loaders import DataFormatError, read_idx, safe_unpickle
-from clicooper.data.registry import (
-    DatasetInfo,
+from clicooper.data.loaders import (
     DatasetSplits,
     DatasetUnavailable,
-    available_datasets,
-    fashion_search_path,
-    load_dataset,
+    RestrictedUnpickler,
+    UnsafePickleError,
+    read_idx,
+    restricted_load,
 )
+from clicooper.data.registry import DEFAULT_DATASET, DatasetInfo, available_datasets, load_dataset
 
 __all__ = [
-    "DataFormatError",
+    "DEFAULT_DATASET",
     "DatasetInfo",
     "DatasetSplits",
     "DatasetUnavailable",
+    "RestrictedUnpickler",
+    "UnsafePickleError",
     "available_datasets",
-    "fashion_search_path",
     "load_dataset",
     "read_idx",
-    "safe_unpickle",
+    "restricted_load",
 ]

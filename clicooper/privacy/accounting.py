@@ -1,38 +1,123 @@
 """Privacy accounting for released activations, with Google's `dp-accounting` (PLD by default).
 
-Neighbouring relation: replace-one. Each release of a sample's activation is a Gaussian
-mechanism with L2 sensitivity 2C and noise std sigma*C, i.e. noise multiplier sigma/2
-relative to the sensitivity. What one accounting event is:
-- full passes (shuffled batches partition the data): one event = every sample released once,
-  disjoint batches composing in parallel; no amplification is claimed;
-- Poisson-sampled batches: one event = one step, each sample included with probability q,
-  accounted as a Poisson-subsampled Gaussian (amplification by subsampling);
-- one-shot release: a single event for the whole job.
+The mechanism (see activation_dp.py and docs/privacy.md): each released activation is clipped to
+L2 norm C, then gets N(0, (sigma*C)^2 I) noise. Neighbouring relation: replace-one, so one
+sample's release moves by at most `sensitivity_factor * C` = 2C, and one release is a Gaussian
+mechanism with noise multiplier `sigma / sensitivity_factor` relative to that distance.
+
+dp-accounting convention (checked against dp-accounting 0.6): a `GaussianDpEvent(z)` under the
+ADD_OR_REMOVE_ONE relation is exactly the pair N(0, z^2) vs N(1, z^2), in both the PLD and the
+RDP accountant. Its REPLACE_ONE relation instead reads the sensitivity as a per-record norm bound
+and doubles it internally in the PLD accountant, but not in the RDP one. We therefore pass the
+distance-normalised multiplier `sigma / sensitivity_factor` ourselves and compose under
+ADD_OR_REMOVE_ONE, so the factor 2 of replace-one is applied exactly once by either accountant.
+
+What one accounting event (`record_release(1)`) is:
+- full pass (batches are a shuffled partition): every training sample is released once. Disjoint
+  batches compose in parallel, so an epoch costs each sample one Gaussian mechanism. The order is
+  not secret from the analysis' point of view, so no amplification is claimed.
+- one-shot release: a single event for the whole job (the activations are released once).
+- Poisson-sampled batches (`sampling_rate=q`): one event = one step, in which each sample is
+  released with probability q. The released activations are per-sample rows, not a noisy sum, so
+  a worst-case adversary can single out the target's row when present: amplification by
+  subsampling (dp-accounting's `PoissonSampledDpEvent`, which models a noisy *sum*) does not
+  apply. The sound bound is the observed-inclusion mixture: after T steps the target has been
+  released K ~ Binomial(T, q) times, and delta(eps) = sum_k P(K=k) * delta_Gauss_k(eps), each
+  k-fold Gaussian term evaluated by dp-accounting (`GaussianPrivacyLoss`). It is never smaller
+  than the sum-model value and, at equal expected releases, slightly above the full-pass value.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
 import dp_accounting as dpa
+import numpy as np
+import scipy.optimize
+import scipy.stats
 from dp_accounting.pld import PLDAccountant
+from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
 from dp_accounting.rdp import RdpAccountant
 
 AccountantKind = Literal["pld", "rdp"]
+
+# The relation under which a GaussianDpEvent(z) means exactly N(0, z^2) vs N(1, z^2) (see module doc).
+_UNIT_DISTANCE_RELATION = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+# Poisson mode truncates the Binomial count at a tail mass of this fraction of delta, added to delta.
+_TAIL_FRACTION = 1e-3
 
 
 class BudgetExceeded(RuntimeError):
     """The next release would take the spent epsilon past the configured budget."""
 
 
-def _event(noise_multiplier: float, sensitivity_factor: float, sampling_rate: float | None, count: int):
-    base = dpa.GaussianDpEvent(noise_multiplier / sensitivity_factor)
+def _validate(
+    noise_multiplier: float,
+    delta: float,
+    accountant: str,
+    sampling_rate: float | None,
+    sensitivity_factor: float,
+) -> None:
+    if not noise_multiplier >= 0 or math.isnan(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    if accountant not in ("pld", "rdp"):
+        raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
+    if not sensitivity_factor > 0 or math.isinf(sensitivity_factor):
+        raise ValueError(f"sensitivity_factor must be positive and finite, got {sensitivity_factor}")
     if sampling_rate is not None:
-        base = dpa.PoissonSampledDpEvent(sampling_rate, base)
-    return dpa.SelfComposedDpEvent(base, count)
+        if not 0 <= sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must lie in [0, 1], got {sampling_rate}")
+        if accountant != "pld":
+            raise ValueError(
+                "Poisson-sampled per-sample releases are accounted with the 'pld' accountant only"
+            )
 
 
+def _full_pass_epsilon(z: float, releases: int, delta: float, accountant: AccountantKind) -> float:
+    """`releases` compositions of the unit-distance Gaussian with multiplier z, by dp-accounting."""
+    acc = (
+        PLDAccountant(neighboring_relation=_UNIT_DISTANCE_RELATION)
+        if accountant == "pld"
+        else RdpAccountant(neighboring_relation=_UNIT_DISTANCE_RELATION)
+    )
+    acc.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(z), releases))
+    return float(acc.get_epsilon(delta))
+
+
+def _poisson_rows_epsilon(z: float, q: float, steps: int, delta: float) -> float:
+    """Epsilon after `steps` Poisson steps of per-sample (row) releases: see the module docstring."""
+    if q == 0:
+        return 0.0
+    count = scipy.stats.binom(steps, q)
+    tail = _TAIL_FRACTION * delta
+    kmax = int(min(steps, count.isf(tail)))  # P(K > kmax) <= tail
+    ks = np.arange(1, kmax + 1)
+    weights = count.pmf(ks)
+    rest = float(count.sf(kmax))  # counted as delta = 1 (pessimistic)
+    losses = [GaussianPrivacyLoss(standard_deviation=z / math.sqrt(k), sensitivity=1.0) for k in ks]
+
+    def excess(eps: float) -> float:
+        mixed = sum(
+            w * float(loss.get_delta_for_epsilon(eps)) for w, loss in zip(weights, losses, strict=True)
+        )
+        return mixed + rest - delta
+
+    if excess(0.0) <= 0:
+        return 0.0
+    hi = 1.0
+    while excess(hi) > 0:
+        hi *= 2
+        if hi > 1e6:
+            return math.inf
+    eps = scipy.optimize.brentq(excess, hi / 2 if hi > 1 else 0.0, hi, xtol=1e-9)
+    return float(eps) + 1e-9  # the upper end of the root bracket: delta(eps) <= delta holds
+
+
+@functools.lru_cache(maxsize=4096)
 def compute_epsilon(
     noise_multiplier: float,
     delta: float,
@@ -42,25 +127,31 @@ def compute_epsilon(
     sampling_rate: float | None = None,
     sensitivity_factor: float = 2.0,
 ) -> float:
-    """Epsilon after `releases` events, from dp-accounting (replace-one relation)."""
-    if releases <= 0:
+    """Epsilon (at `delta`) after `releases` events of the mechanism; 0 before any, inf without noise.
+
+    `noise_multiplier` is sigma (noise std relative to the clip norm C); the event's multiplier
+    relative to the replace-one distance is `sigma / sensitivity_factor`. Cached: pure function.
+    """
+    _validate(noise_multiplier, delta, accountant, sampling_rate, sensitivity_factor)
+    if releases < 0:
+        raise ValueError(f"releases must be >= 0, got {releases}")
+    if releases == 0 or sampling_rate == 0:
         return 0.0
-    if noise_multiplier <= 0:
+    if noise_multiplier == 0:
         return math.inf
-    if accountant == "pld":
-        acc = PLDAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    else:
-        if sampling_rate is not None:
-            raise ValueError(
-                "the RDP accountant does not support Poisson sampling under replace-one; use pld"
-            )
-        acc = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    acc.compose(_event(noise_multiplier, sensitivity_factor, sampling_rate, releases))
-    return float(acc.get_epsilon(delta))
+    z = noise_multiplier / sensitivity_factor
+    if sampling_rate is None:
+        return _full_pass_epsilon(z, releases, delta, accountant)
+    return _poisson_rows_epsilon(z, sampling_rate, releases, delta)
 
 
 class ActivationAccountant:
-    """Counts releases and reports epsilon; JSON state_dict like Opacus' accountants."""
+    """Counts releases of the training set's activations and reports the spent epsilon.
+
+    The state is a handful of JSON scalars, so it is checkpointed with the data owner and
+    restored on resume; the mechanism parameters are checked on restore so a resumed run can
+    never silently account a different mechanism.
+    """
 
     def __init__(
         self,
@@ -71,34 +162,44 @@ class ActivationAccountant:
         sampling_rate: float | None = None,
         sensitivity_factor: float = 2.0,
     ) -> None:
-        self.noise_multiplier, self.delta, self.kind = float(noise_multiplier), float(delta), accountant
-        self.sampling_rate, self.sensitivity_factor = sampling_rate, sensitivity_factor
-        self.releases = 0
-        self._cache: dict[tuple[int, float], float] = {}
+        _validate(noise_multiplier, delta, accountant, sampling_rate, sensitivity_factor)
+        self.noise_multiplier = float(noise_multiplier)
+        self.delta = float(delta)
+        self.kind: AccountantKind = accountant
+        self.sampling_rate = None if sampling_rate is None else float(sampling_rate)
+        self.sensitivity_factor = float(sensitivity_factor)
+        self._releases = 0
+
+    @property
+    def releases(self) -> int:
+        """Events recorded so far: full passes, or Poisson steps when `sampling_rate` is set."""
+        return self._releases
 
     def record_release(self, count: int = 1) -> None:
+        """Record `count` events; call it before the activations leave the data owner."""
         if count < 0:
-            raise ValueError("release count must be >= 0")
-        self.releases += count
+            raise ValueError(f"release count must be >= 0, got {count}")
+        self._releases += int(count)
 
     def _eps(self, releases: int, delta: float) -> float:
-        key = (releases, delta)
-        if key not in self._cache:
-            self._cache[key] = compute_epsilon(
-                self.noise_multiplier,
-                delta,
-                releases,
-                accountant=self.kind,
-                sampling_rate=self.sampling_rate,
-                sensitivity_factor=self.sensitivity_factor,
-            )
-        return self._cache[key]
+        return compute_epsilon(
+            self.noise_multiplier,
+            delta,
+            releases,
+            accountant=self.kind,
+            sampling_rate=self.sampling_rate,
+            sensitivity_factor=self.sensitivity_factor,
+        )
 
     def epsilon(self, delta: float | None = None) -> float:
-        return self._eps(self.releases, self.delta if delta is None else delta)
+        """Spent epsilon for the releases recorded so far (at `delta`, default the configured one)."""
+        return self._eps(self._releases, self.delta if delta is None else float(delta))
 
     def epsilon_after(self, extra_releases: int) -> float:
-        return self._eps(self.releases + extra_releases, self.delta)
+        """What epsilon would be after `extra_releases` more events: for checks before releasing."""
+        if extra_releases < 0:
+            raise ValueError(f"extra_releases must be >= 0, got {extra_releases}")
+        return self._eps(self._releases + extra_releases, self.delta)
 
     def _params(self) -> dict:
         return {
@@ -110,25 +211,41 @@ class ActivationAccountant:
         }
 
     def state_dict(self) -> dict:
-        return {**self._params(), "releases": self.releases}
+        return {**self._params(), "releases": self._releases}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the release count; ValueError if the state is for another mechanism."""
         mine = self._params()
+        missing = [k for k in (*mine, "releases") if k not in state]
+        if missing:
+            raise ValueError(f"accountant state lacks {missing}")
         theirs = {k: state[k] for k in mine}
         if theirs != mine:
             raise ValueError(f"accountant state is for a different mechanism: {theirs} != {mine}")
-        self.releases = int(state["releases"])
+        releases = state["releases"]
+        if not isinstance(releases, int) or isinstance(releases, bool) or releases < 0:
+            raise ValueError(f"accountant state has an invalid release count: {releases!r}")
+        self._releases = releases
+
+    def __repr__(self) -> str:
+        return f"ActivationAccountant({self.state_dict()})"
 
 
-def check_budget(acc: ActivationAccountant, budget_epsilon: float | None, extra_releases: int = 1) -> None:
-    """Raise before a release that would exceed the budget."""
+def check_budget(
+    accountant: ActivationAccountant, budget_epsilon: float | None, extra_releases: int = 1
+) -> None:
+    """Raise BudgetExceeded if `extra_releases` more events would exceed the budget (None: no budget).
+
+    Called before releasing, so the release that would exceed the budget is never made.
+    """
     if budget_epsilon is None:
         return
-    after = acc.epsilon_after(extra_releases)
+    after = accountant.epsilon_after(extra_releases)
     if after > budget_epsilon:
         raise BudgetExceeded(
-            f"privacy budget: the next release would bring epsilon from {acc.epsilon():.3f} to {after:.3f} "
-            f"(delta={acc.delta:g}), over the budget of {budget_epsilon:g}; stopped before releasing"
+            f"privacy budget: {extra_releases} more release(s) would bring epsilon from "
+            f"{accountant.epsilon():.4f} (spent) to {after:.4f} at delta={accountant.delta:g}, "
+            f"over the budget of {budget_epsilon:g}; stopped before releasing"
         )
 
 
@@ -142,13 +259,19 @@ def calibrate_noise_multiplier(
     sensitivity_factor: float = 2.0,
     tol: float = 1e-3,
 ) -> float:
-    """The smallest sigma (to `tol`) whose epsilon after `releases` events is <= target."""
-    if math.isinf(target_epsilon):
+    """The smallest sigma (within `tol`) whose epsilon after `releases` events is <= target.
+
+    Bisection over sigma with the same accountant as the run, so the calibrated run's own
+    reported epsilon is guaranteed to be within the target. Infinite target (or no release): 0.
+    """
+    if not target_epsilon > 0:
+        raise ValueError(f"target epsilon must be positive, got {target_epsilon}")
+    if math.isinf(target_epsilon) or releases == 0 or sampling_rate == 0:
         return 0.0
 
-    def eps(s: float) -> float:
+    def eps(sigma: float) -> float:
         return compute_epsilon(
-            s,
+            sigma,
             delta,
             releases,
             accountant=accountant,
@@ -156,11 +279,17 @@ def calibrate_noise_multiplier(
             sensitivity_factor=sensitivity_factor,
         )
 
-    lo, hi = 0.05, 1.0
+    # Bracket around the exact single-Gaussian answer (k-fold Gaussian = one with sigma/sqrt(k)),
+    # which is the answer itself for full passes; bisection then only refines within a few percent.
+    expected = releases * (1.0 if sampling_rate is None else sampling_rate)
+    guess = sensitivity_factor * dpa.get_sigma_gaussian(target_epsilon, delta) * math.sqrt(max(expected, 1.0))
+    lo, hi = 0.98 * guess, 1.02 * guess
     while eps(hi) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ValueError(f"cannot reach epsilon={target_epsilon} with delta={delta}")
+        lo, hi = hi, hi * 1.25
+        if hi > 1e6:
+            raise ValueError(f"cannot reach epsilon={target_epsilon} at delta={delta} with finite noise")
+    while lo > tol and eps(lo) <= target_epsilon:
+        lo, hi = lo * 0.8, lo
     while hi - lo > tol:
         mid = (lo + hi) / 2
         if eps(mid) > target_epsilon:
