@@ -9,6 +9,10 @@ from sklearn.datasets import load_digits
 from clicooper.config import JobConfig, parse_config
 from clicooper.data import DatasetSplits
 
+# One intra-op thread: the tests' tensors are small, and on a busy 2-core machine OpenMP threads
+# waiting on each other made the suite 20-40x slower in CPU time (measured).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def digits() -> DatasetSplits:

@@ -145,23 +145,6 @@ def whitebox_inversion(
 
 
 # --------------------------------------------------------------------------- black-box (inverse network)
-class BoundedSigmoid(nn.Module):
-    """sigmoid(b * tanh(z / b)): a sigmoid whose logits are softly bounded to [-b, b].
-
-    A plain sigmoid trained towards exact-0 pixels drives its logits to -inf; the vanishing values then
-    underflow into denormal floats, which made CPU training ~20x slower (measured on digits). Bounding
-    the logits keeps outputs in [sigmoid(-b), sigmoid(b)] (3e-7 from the ends for b = 15) and gradients
-    non-zero everywhere.
-    """
-
-    def __init__(self, bound: float = 15.0) -> None:
-        super().__init__()
-        self.bound = bound
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.bound * torch.tanh(z / self.bound))
-
-
 def _upsampling_decoder(act_shape: tuple[int, ...], img_shape: tuple[int, ...], width: int) -> nn.Module:
     """Spatial activation (C, h, w) -> image (C', H, W): stride-2 transposed convs, then resize."""
     (c, h, w), (ci, hi, wi) = act_shape, img_shape
@@ -175,14 +158,14 @@ def _upsampling_decoder(act_shape: tuple[int, ...], img_shape: tuple[int, ...], 
         nn.Conv2d(width, width, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(width, ci, 3, padding=1),
-        BoundedSigmoid(),
+        nn.Sigmoid(),
     ]
     return nn.Sequential(*layers)
 
 
 def default_decoder(act_shape: Sequence[int], img_shape: Sequence[int], *, width: int = 64) -> nn.Module:
     """An inverse network sized from the shapes: convolutional for (C, H, W) activations and images,
-    otherwise an MLP; a (bounded) sigmoid output keeps reconstructions in [0, 1]."""
+    otherwise an MLP; a sigmoid output keeps reconstructions in [0, 1]."""
     act_shape, img_shape = tuple(act_shape), tuple(img_shape)
     if len(act_shape) == 3 and len(img_shape) == 3:
         return _upsampling_decoder(act_shape, img_shape, width)
@@ -195,7 +178,7 @@ def default_decoder(act_shape: Sequence[int], img_shape: Sequence[int], *, width
         nn.Linear(hidden, hidden),
         nn.ReLU(),
         nn.Linear(hidden, d_out),
-        BoundedSigmoid(),
+        nn.Sigmoid(),
         nn.Unflatten(1, img_shape),
     )
 
