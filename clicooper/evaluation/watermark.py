@@ -189,7 +189,8 @@ def run_watermark_eval(cfg: JobConfig, data: DatasetSplits, out: Path, *, quick:
     job = ChainJob(wm_cfg, data, out / "job")
     s_wm = job.run()
     train_s = time.perf_counter() - t0
-    s_plain = ChainJob(plain_cfg, data, None).run()
+    plain_job = ChainJob(plain_cfg, data, None)
+    s_plain = plain_job.run()
     other_dir = out / "other_job"
     ChainJob(wm_cfg.replace(training={"epochs": 1}), data.subset(500, 100, seed=1), other_dir).run()
     t1 = time.perf_counter()
@@ -203,8 +204,6 @@ def run_watermark_eval(cfg: JobConfig, data: DatasetSplits, out: Path, *, quick:
 
     rows = [_row("none", "-", mm, ev, data)]
     # false positives: unwatermarked segments and wrong keys
-    plain_job = ChainJob(plain_cfg, data, None)
-    plain_job.run()
     fp_rows = _false_positive_rows(_assemble(plain_job), mm, ev)
     ft_epochs = [1, 2] if quick else [1, 2, 3, 5, 8]
     ft = copy.deepcopy(mm)
