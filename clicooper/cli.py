@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clicooper.config import ConfigError, JobConfig, load_config, parse_config
+from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob, RunSummary, new_run_dir, prepare_data, train_centralized
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -286,6 +287,18 @@ def verify_ownership(
     raise typer.Exit(0 if any(m.matched for m in matches) else 1)
 
 
+QuickOpt = Annotated[bool, typer.Option("--quick", help="Small subset and grid (for tests).")]
+DatasetOpt = Annotated[str | None, typer.Option(help="Any registered dataset (default: fashion-mnist).")]
+PathOpt = Annotated[Path | None, typer.Option(help="Data path for on-disk formats.")]
+
+
+def _eval_data(cfg: JobConfig) -> DatasetSplits:
+    try:
+        return prepare_data(cfg)
+    except Exception as e:  # noqa: BLE001 - data errors carry their own how-to message
+        _fail(str(e))
+
+
 def _eval_config(quick: bool, dataset: str | None, path: Path | None, base: dict | None = None) -> JobConfig:
     """The demo job (or `base`) without watermarking, on another dataset if asked, shrunk by --quick."""
     cfg = (parse_config(base) if base is not None else demo_config()).replace(watermark={"enabled": False})
@@ -298,33 +311,26 @@ def _eval_config(quick: bool, dataset: str | None, path: Path | None, base: dict
 
 @eval_app.command("watermark")
 def eval_watermark(
-    quick: Annotated[bool, typer.Option("--quick", help="Small subset and attack grid (for tests).")] = False,
+    quick: QuickOpt = False,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/watermark"),
-    dataset: Annotated[
-        str | None, typer.Option(help="Any registered dataset (default: fashion-mnist).")
-    ] = None,
-    path: Annotated[Path | None, typer.Option(help="Data path for on-disk formats.")] = None,
+    dataset: DatasetOpt = None,
+    path: PathOpt = None,
 ) -> None:
     """Watermark robustness (fine-tuning, pruning, quantisation, overwriting, forged/replayed evidence)."""
     from clicooper.evaluation.watermark import run_watermark_eval
 
     cfg = _eval_config(quick, dataset, path, base=PLAIN)  # the mark alone, on the undefended job
-    try:
-        data = prepare_data(cfg)
-    except Exception as e:  # noqa: BLE001
-        _fail(str(e))
+    data = _eval_data(cfg)
     md = run_watermark_eval(cfg, data, out, quick=quick)
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
 
 
 @eval_app.command("utility")
 def eval_utility(
-    quick: Annotated[bool, typer.Option("--quick", help="Small subset and grid (for tests).")] = False,
+    quick: QuickOpt = False,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/utility"),
-    dataset: Annotated[
-        str | None, typer.Option(help="Any registered dataset (default: fashion-mnist).")
-    ] = None,
-    path: Annotated[Path | None, typer.Option(help="Data path for on-disk formats.")] = None,
+    dataset: DatasetOpt = None,
+    path: PathOpt = None,
     train_subset: Annotated[
         int | None,
         typer.Option("--train-subset", help="Train on a seeded stratified subset (test set whole)."),
@@ -334,10 +340,7 @@ def eval_utility(
     from clicooper.evaluation.utility import run_utility_sweep
 
     cfg = _eval_config(quick, dataset, path)
-    try:
-        data = prepare_data(cfg)
-    except Exception as e:  # noqa: BLE001
-        _fail(str(e))
+    data = _eval_data(cfg)
     if train_subset is not None:
         data = data.subset(train_subset, None, seed=cfg.job.seed)
     grid = {"epsilons": (2.0, float("inf")), "gammas": (1, 2)} if quick else {}
@@ -351,10 +354,8 @@ def eval_privacy(
         bool, typer.Option("--quick", help="Small subset, few attack steps (for tests).")
     ] = False,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/privacy"),
-    dataset: Annotated[
-        str | None, typer.Option(help="Any registered dataset, e.g. cifar10 with --path.")
-    ] = None,
-    path: Annotated[Path | None, typer.Option(help="Data path for on-disk formats.")] = None,
+    dataset: DatasetOpt = None,
+    path: PathOpt = None,
     epsilon: Annotated[float, typer.Option(help="Epsilon of the DP configurations.")] = 2.0,
     gamma: Annotated[int, typer.Option(help="Label expansion factor.")] = 2,
 ) -> None:
@@ -363,10 +364,7 @@ def eval_privacy(
     from clicooper.evaluation.privacy import run_privacy_eval
 
     cfg = _eval_config(quick, dataset, path)
-    try:
-        data = prepare_data(cfg)
-    except Exception as e:  # noqa: BLE001
-        _fail(str(e))
+    data = _eval_data(cfg)
     sweep = () if quick else (0.5, 2.0, 8.0)
     md = run_privacy_eval(cfg, data, out, quick=quick, epsilon=epsilon, gamma=gamma, eps_sweep=sweep)
     console.print(f"report: {md} (and {md.with_suffix('.html')})")

@@ -98,29 +98,17 @@ class StageProvenance:
             prev_record_digests=self.links,
         )
         signed = sign_record(self.identity, record)
-        atts = []
-        if self.position > 1:
-            atts.append(
-                attest_transcript(
-                    self.identity,
-                    self.job_id,
-                    rnd,
-                    self.position,
-                    self.position - 1,
-                    self.hashers["prev"].digest(),
-                )
+        neighbours = {
+            "prev": self.position - 1 if self.position > 1 else None,
+            "next": self.position + 1 if self.next is not None else None,
+        }
+        atts = [
+            attest_transcript(
+                self.identity, self.job_id, rnd, self.position, other, self.hashers[side].digest()
             )
-        if self.next is not None:
-            atts.append(
-                attest_transcript(
-                    self.identity,
-                    self.job_id,
-                    rnd,
-                    self.position,
-                    self.position + 1,
-                    self.hashers["next"].digest(),
-                )
-            )
+            for side, other in neighbours.items()
+            if other is not None  # the data owner's links are recorded in the record but not attested
+        ]
         self.embedder = None
         return signed.to_json(), json.dumps([a.model_dump(mode="json") for a in atts])
 
