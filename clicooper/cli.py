@@ -358,6 +358,9 @@ def eval_privacy(
     path: PathOpt = None,
     epsilon: Annotated[float, typer.Option(help="Epsilon of the DP configurations.")] = 2.0,
     gamma: Annotated[int, typer.Option(help="Label expansion factor.")] = 2,
+    eps_sweep: Annotated[
+        list[float] | None, typer.Option("--eps-sweep", help="Also train full CliCooper at these epsilons.")
+    ] = None,
 ) -> None:
     """Attacks x defences: clustering, inversion and extraction against no defence, DP only, label
     expansion only, full CliCooper and U-shaped; Markdown/HTML report with figures."""
@@ -365,7 +368,7 @@ def eval_privacy(
 
     cfg = _eval_config(quick, dataset, path)
     data = _eval_data(cfg)
-    sweep = () if quick else (0.5, 2.0, 8.0)
+    sweep = tuple(eps_sweep or ())
     md = run_privacy_eval(cfg, data, out, quick=quick, epsilon=epsilon, gamma=gamma, eps_sweep=sweep)
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
 

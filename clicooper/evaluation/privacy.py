@@ -145,7 +145,7 @@ def inversion_rows(
     originals = data.train_x[ids]
     head, defence = job.data_owner.head.eval(), job.defence
     clip = defence.cfg.clip if defence is not None and defence.accountant is not None else None
-    wb = whitebox_inversion(head, target, data.input_shape, steps=300 if quick else 500, clip=clip, seed=seed)
+    wb = whitebox_inversion(head, target, data.input_shape, steps=300, clip=clip, seed=seed)
     gen = generator(seed, "attacker-queries")
 
     def query(x: torch.Tensor) -> torch.Tensor:  # the same release interface the data owner exposes
@@ -153,7 +153,7 @@ def inversion_rows(
             a = head(x)
             return defence.release(a, gen, train=True) if defence is not None else a
 
-    decoder = train_inverse_decoder(query, aux_x, epochs=3 if quick else 30, seed=seed)
+    decoder = train_inverse_decoder(query, aux_x, epochs=3 if quick else 15, seed=seed)
     bb = blackbox_inversion(decoder, target)
     mean_img = aux_x.mean(0, keepdim=True).expand_as(originals)  # what an attacker knowing nothing outputs
     row = {
@@ -197,7 +197,7 @@ def extraction_rows(
         "trainer 1 alone": ([segs[0]], after_trainer_1 if n_seg > 1 else None),
         "all trainers (coalition)": (segs, None),
     }
-    out_dim, epochs, chance = _output_width(job, data), (30 if quick else 40), 1 / data.num_classes
+    out_dim, epochs, chance = _output_width(job, data), 30, 1 / data.num_classes
     rows = []
     for n in sizes:
         ax, ay = aux[0][:n], aux[1][:n]
@@ -246,6 +246,14 @@ def _output_width(job: ChainJob, data: DatasetSplits) -> int:
     return x.shape[1]
 
 
+def _u_shaped_cuts(cfg: JobConfig, data: DatasetSplits) -> JobConfig:
+    """U-shaped: the data owner also keeps the last block, so the trainers share one block fewer; cut
+    automatically, with as many trainers as the model's blocks allow (the report states the count)."""
+    n_blocks = len(list(build_model_and_plan(cfg.replace(privacy={"u_shaped": False}), data)[0].children()))
+    n = min(cfg.model.n_trainers, n_blocks - cfg.model.head_blocks - 1)
+    return cfg.replace(model={"cut_points": None, "capacities": None, "n_trainers": n})
+
+
 def _best_success(rows: list[dict], observed_prefix: str | None = None) -> float:
     vals = [
         r["success"] for r in rows if observed_prefix is None or r["observed"].startswith(observed_prefix)
@@ -272,15 +280,17 @@ def run_privacy_eval(
     half = len(perm) // 2
     aux = (data.test_x[perm[:half]], data.test_y[perm[:half]])
     test = (data.test_x[perm[half:]], data.test_y[perm[half:]])
-    sizes = [0, 50] if quick else [0, 100, 500, 2000]
+    sizes = [0, 50] if quick else [0, 100, 1000]
     sizes = [n for n in sizes if n <= half]
     n_targets = 8 if quick else 64
-    max_samples = 500 if quick else 20000
+    max_samples = 500 if quick else 5000
     results: dict[str, dict] = {}
     grids = {}
     for name, privacy in defence_settings(epsilon, gamma).items():
         t0 = time.perf_counter()
         c = cfg.replace(privacy={**privacy, "secret_seed": seed})
+        if c.privacy.u_shaped:
+            c = _u_shaped_cuts(c, data)
         job, obs = train_and_observe(c, data)
         g = c.privacy.gamma
         inv, originals, wb, bb = inversion_rows(job, obs, data, aux[0], n_targets, quick, seed)
@@ -292,7 +302,9 @@ def run_privacy_eval(
             "inversion": inv,
             "extraction": extraction_rows(job, c, data, aux, test, sizes, quick, seed),
             "time_s": time.perf_counter() - t0,
+            "n_trainers": len(job.trainers),
         }
+        (out / "results.json").write_text(json.dumps({"defences": results, "epsilon_sweep": []}, indent=2))
     sweep = []
     for eps in eps_sweep:
         c = cfg.replace(privacy={**defence_settings(eps, gamma)["full CliCooper"], "secret_seed": seed})
