@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,6 +24,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BE
 app.add_typer(bench_app, name="bench")
 verify_app = typer.Typer(no_args_is_help=True, help="The verifier: check a job, or an ownership claim.")
 app.add_typer(verify_app, name="verify")
+attack_app = typer.Typer(no_args_is_help=True, help="Run one attack against one configured job.")
+app.add_typer(attack_app, name="attack")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluations: reports with the undefended baseline beside.")
 app.add_typer(eval_app, name="eval")
 console = Console()
@@ -371,6 +374,71 @@ def eval_privacy(
     sweep = tuple(eps_sweep or ())
     md = run_privacy_eval(cfg, data, out, quick=quick, epsilon=epsilon, gamma=gamma, eps_sweep=sweep)
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
+
+
+def _attacked_job(config: Path | None, quick: bool):
+    """Train the job of CONFIG (default: the demo) while recording what each trainer receives."""
+    from clicooper.evaluation.privacy import train_and_observe
+
+    try:
+        cfg = load_config(config) if config is not None else demo_config()
+    except ConfigError as e:
+        _fail(str(e))
+    cfg = cfg.replace(watermark={"enabled": False}, privacy={"secret_seed": cfg.job.seed})
+    if quick:
+        cfg = cfg.replace(data={"train_subset": 2000, "test_subset": 500}, training={"epochs": 2})
+    data = _eval_data(cfg)
+    job, observed = train_and_observe(cfg, data)
+    return cfg, data, job, observed
+
+
+def _print_rows(title: str, rows: list[dict]) -> None:
+    t = Table(*rows[0].keys(), title=title)
+    for r in rows:
+        t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
+    console.print(t)
+
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="TOML job configuration (default: the demo job).")]
+
+
+@attack_app.command("clustering")
+def attack_clustering(config: ConfigArg = None, quick: QuickOpt = False) -> None:
+    """Liu & Lyu clustering label inference at every trainer position (activations, gradients)."""
+    from clicooper.evaluation.privacy import clustering_rows
+
+    cfg, data, job, obs = _attacked_job(config, quick)
+    _print_rows(
+        "clustering label inference", clustering_rows(obs, data, cfg.privacy.gamma, cfg.job.seed, 5000)
+    )
+
+
+@attack_app.command("inversion")
+def attack_inversion(config: ConfigArg = None, quick: QuickOpt = False) -> None:
+    """White-box rMLE and black-box decoder reconstruction of private inputs at trainer 1."""
+    from clicooper.evaluation.privacy import inversion_rows
+
+    cfg, data, job, obs = _attacked_job(config, quick)
+    aux = data.test_x[: len(data.test_x) // 2]
+    row, *_ = inversion_rows(job, obs, data, aux, 8 if quick else 64, quick, cfg.job.seed)
+    _print_rows("inversion at trainer 1 (SSIM/PSNR against the private images)", [row])
+
+
+@attack_app.command("extraction")
+def attack_extraction(config: ConfigArg = None, quick: QuickOpt = False) -> None:
+    """Model completion by trainer 1 alone and by the coalition, from 0..n auxiliary labels."""
+    from clicooper.evaluation.privacy import extraction_rows
+
+    cfg, data, job, _ = _attacked_job(config, quick)
+    half = len(data.test_x) // 2
+    perm = torch.randperm(len(data.test_x), generator=torch.Generator().manual_seed(cfg.job.seed))
+    aux = (data.test_x[perm[:half]], data.test_y[perm[:half]])
+    test = (data.test_x[perm[half:]], data.test_y[perm[half:]])
+    sizes = [0, 50] if quick else [0, 100, 1000]
+    _print_rows(
+        "model extraction (surrogate accuracy)",
+        extraction_rows(job, cfg, data, aux, test, sizes, quick, cfg.job.seed),
+    )
 
 
 @bench_app.command("relay")

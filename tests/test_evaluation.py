@@ -84,3 +84,14 @@ def test_cli_reports_bad_config(tmp_path):
     bad.write_text("[training]\nlr = -1\n")
     result = CliRunner().invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and "training.lr" in result.output
+
+
+def test_attack_subcommands_run(tmp_path):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(
+        '[data]\ndataset = "digits"\n[model]\narch = "small-cnn"\nn_trainers = 2\n[training]\nepochs = 2\n'
+    )
+    for attack in ("clustering", "inversion", "extraction"):
+        result = CliRunner().invoke(app, ["attack", attack, str(cfg), "--quick"])
+        assert result.exit_code == 0, result.output
+        assert ("success" in result.output) or ("ssim" in result.output) or ("surrogate" in result.output)
