@@ -89,6 +89,11 @@ def _print_summary(s: RunSummary, title: str) -> None:
         t.add_row("epsilon spent", eps)
         for hop, b in s.bytes_per_step.items():
             t.add_row(f"bytes/step {hop}", f"{b:,.0f}")
+        for c in s.compute:
+            t.add_row(
+                f"compute {c['party']}",
+                f"{c['share']:.1%} of training multiply-adds ({c['params']:,} parameters)",
+            )
     if s.run_dir:
         t.add_row("run folder", s.run_dir)
     console.print(t)

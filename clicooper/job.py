@@ -26,6 +26,8 @@ from clicooper.checkpoint import atomic_write_bytes, atomic_write_json, latest_r
 from clicooper.config import JobConfig, TrainingSection
 from clicooper.data import DatasetSplits, load_dataset
 from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_from_cuts, split_model
+from clicooper.models.cost import PartyCompute, SegmentWork, party_compute
+from clicooper.models.split import block_costs
 from clicooper.parties import DataOwner, Trainer, Verifier
 from clicooper.parties.verifier import STATE_FILE
 from clicooper.privacy.defence import DataOwnerDefences
@@ -53,6 +55,7 @@ class RunSummary:
     epsilon: float | None = None
     delta: float | None = None
     run_dir: str | None = None
+    compute: list[dict] = field(default_factory=list)  # per party: params, training multiply-adds, share
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -295,6 +298,31 @@ class ChainJob:
                 x = s.eval()(x)
         return shapes
 
+    def compute(self) -> list[PartyCompute]:
+        """Each party's parameters and share of the run's training multiply-adds (see models/cost.py)."""
+        costs = block_costs(self.model, self.data.input_shape, "flops")
+        b = self.plan.bounds
+        segs = split_model(self.model, self.plan)
+        macs = [sum(costs[lo:hi]) for lo, hi in zip(b[:-1], b[1:], strict=True)]
+        n, epochs = len(self.data.train_x), self.cfg.training.epochs
+        n_params = [sum(p.numel() for p in s.parameters()) for s in segs]
+        head_trains = self.data_owner.head_optimizer is not None
+        one_shot = bool(getattr(self.defence, "one_shot", False))
+        work = [
+            SegmentWork(
+                "data_owner",
+                n_params[0],
+                macs[0],
+                train_passes=n * (self.cfg.model.head_pretrain_epochs + (epochs if head_trains else 0)),
+                forward_passes=0 if head_trains else (n if one_shot else n * epochs),
+            )
+        ]
+        for i, t in enumerate(self.trainers):
+            work.append(SegmentWork(t.name, n_params[i + 1], macs[i + 1], train_passes=n * epochs))
+        if self.plan.u_shaped:
+            work.append(SegmentWork("data_owner", n_params[-1], macs[-1], train_passes=n * epochs))
+        return party_compute(work)
+
     @property
     def parties(self) -> list:
         return [self.data_owner, *self.trainers]
@@ -369,6 +397,7 @@ class ChainJob:
             run_dir=str(self.run_dir) if self.run_dir else None,
         )
         s.extra["split_bounds"] = list(self.plan.bounds)
+        s.compute = [c.to_json() for c in self.compute()]
         priv = self._privacy_row()
         s.epsilon, s.delta = priv.get("epsilon"), priv.get("delta")
         if self.run_dir is not None:

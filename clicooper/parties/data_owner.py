@@ -25,7 +25,8 @@ from clicooper.checkpoint import (
 )
 from clicooper.data import DatasetSplits
 from clicooper.parties.base import Party, ProtocolError, check_tensor
-from clicooper.seeding import epoch_batches, generator
+from clicooper.privacy.release_store import RELEASE_FILE, load_release, save_release
+from clicooper.seeding import epoch_batches
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
     Backward,
@@ -47,7 +48,8 @@ class DataOwnerDefence(Protocol):
     one_shot: bool
 
     def begin_round(self, rnd: int) -> None: ...
-    def release(self, a: torch.Tensor, gen: torch.Generator, *, train: bool) -> torch.Tensor: ...
+    def release(self, a: torch.Tensor, *, train: bool) -> torch.Tensor: ...
+    def record_one_shot_release(self) -> None: ...
     def encode_labels(self, y: torch.Tensor, ids: torch.Tensor, rnd: int) -> torch.Tensor: ...
     def decode_logits(self, logits: torch.Tensor) -> torch.Tensor: ...
     def state_dict(self) -> dict: ...
@@ -117,16 +119,30 @@ class DataOwner(Party):
         return self.defence.encode_labels(y, ids, rnd) if self.defence else y
 
     def _one_shot_release(self) -> torch.Tensor:
-        """Release every training sample's activation once, from the frozen head."""
-        if self._released is None:
-            gen = generator(self.seed, "dp", "one-shot")
-            self.head.eval()
-            with torch.no_grad():
-                parts = [
-                    self.defence.release(self.head(self.data.train_x[i : i + 1024]), gen, train=True)
-                    for i in range(0, len(self.data.train_x), 1024)
-                ]
-            self._released = torch.cat(parts)
+        """Release every training sample's activation once, from the frozen head.
+
+        The release is kept in the data owner's private folder, so a resumed job sends the
+        very same noised activations again (no new information, nothing to count). If that
+        file is gone, a fresh release is drawn and counted by the accountant: two releases of
+        one sample under independent noise are two mechanisms, never one.
+        """
+        if self._released is not None:
+            return self._released
+        path = self.checkpoint_dir / RELEASE_FILE if self.checkpoint_dir is not None else None
+        expected = (len(self.data.train_x), *self.activation_shape)
+        if path is not None and path.exists():
+            self._released = load_release(path, expected)
+            return self._released
+        self.defence.record_one_shot_release()
+        self.head.eval()
+        with torch.no_grad():
+            parts = [
+                self.defence.release(self.head(self.data.train_x[i : i + 1024]), train=True)
+                for i in range(0, len(self.data.train_x), 1024)
+            ]
+        self._released = torch.cat(parts)
+        if path is not None:
+            save_release(path, self._released)
         return self._released
 
     # -- training ---------------------------------------------------------
@@ -140,7 +156,6 @@ class DataOwner(Party):
         one_shot = self.defence is not None and self.defence.one_shot
         released_all = self._one_shot_release() if one_shot else None
         batches = epoch_batches(self.seed, rnd, len(self.data.train_x), self.batch_size, poisson=self.poisson)
-        gen = generator(self.seed, "dp", rnd)
         n_steps = len(batches)
         losses, samples = [], 0
         self.head.train(not one_shot)
@@ -152,7 +167,7 @@ class DataOwner(Party):
                 a_rel = released_all[ids]
             else:
                 a = self.head(x)
-                a_rel = self.defence.release(a, gen, train=True) if self.defence else a
+                a_rel = self.defence.release(a, train=True) if self.defence else a
             if self.tail is None:
                 self.send(Targets, self.last, rnd, step, labels=self._encode_labels(y, ids, rnd))
             self.send(Forward, self.first, rnd, step, activation=a_rel.detach(), train=True)
@@ -204,14 +219,13 @@ class DataOwner(Party):
     # -- inference --------------------------------------------------------
     def predict_logits(self, x: torch.Tensor, *, tag: object = "eval") -> torch.Tensor:
         """True-class logits for `x`, computed through the chain (inference relay)."""
-        gen = generator(self.seed, "dp-inference", tag)
         self.head.eval()
         outs = []
         for step, i in enumerate(range(0, len(x), self.eval_batch_size)):
             with torch.no_grad():
                 a = self.head(x[i : i + self.eval_batch_size])
                 if self.defence is not None:
-                    a = self.defence.release(a, gen, train=False)
+                    a = self.defence.release(a, train=False)
             self.send(Forward, self.first, self.rounds_done, step, activation=a, train=False)
             out: Output = self._receive(Output, self.rounds_done, step)
             with torch.no_grad():

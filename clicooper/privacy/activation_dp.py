@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from clicooper.privacy.secure_noise import secure_normal_like
+
 
 def _check_clip(clip: float) -> None:
     if not clip > 0 or math.isinf(clip):
@@ -36,7 +38,13 @@ def clip_per_sample(a: torch.Tensor, clip: float) -> torch.Tensor:
 def gaussian_noise_like(
     a: torch.Tensor, std: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """N(0, std^2) noise of `a`'s shape, dtype and device, from `generator` (seeded runs reproduce)."""
+    """N(0, std^2) noise of `a`'s shape, dtype and device.
+
+    Without `generator` (what every party uses) the noise comes from the OS CSPRNG and can be
+    reproduced by nobody; a seeded `generator` is for unit tests of the mechanism only.
+    """
+    if generator is None:
+        return secure_normal_like(a, std)
     if not std >= 0 or math.isinf(std):
         raise ValueError(f"noise std must be >= 0 and finite, got {std}")
     return torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device) * std
@@ -48,7 +56,8 @@ def clip_and_noise(
     """Clip each sample to `clip`, add N(0, (noise_multiplier*clip)^2 I); multiplier 0 = clip only.
 
     The noise is additive and independent of `a`, so gradients flow through the clipping to
-    the head exactly as for the clipped activation.
+    the head exactly as for the clipped activation. Leave `generator` unset outside unit tests:
+    the noise then comes from the OS CSPRNG (see secure_noise.py).
     """
     if not noise_multiplier >= 0 or math.isinf(noise_multiplier):
         raise ValueError(f"noise_multiplier must be >= 0 and finite, got {noise_multiplier}")

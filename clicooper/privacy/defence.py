@@ -87,15 +87,29 @@ class DataOwnerDefences:
 
     # -- DataOwnerDefence -------------------------------------------------
     def begin_round(self, rnd: int) -> None:
-        """Account for this round's releases before any of them happens (stop if over budget)."""
-        if self.accountant is None or (self.one_shot and self.accountant.releases >= 1):
+        """Account for this round's per-step releases before any of them happens (stop if over budget).
+
+        One-shot releases are counted by `record_one_shot_release`, each time one is drawn."""
+        if self.accountant is None or self.one_shot:
             return
-        events = 1 if self.one_shot else self.steps_per_epoch
+        self._record(self.steps_per_epoch)
+
+    def record_one_shot_release(self) -> None:
+        """Count a one-shot release before its noise is drawn. A resumed job that lost its saved
+        release draws (and pays for) a new one: every draw of fresh noise is counted."""
+        if self.accountant is not None:
+            self._record(1)
+
+    def _record(self, events: int) -> None:
         check_budget(self.accountant, self.cfg.budget_epsilon, events)
         self.accountant.record_release(events)
         self._write_ledger()
 
-    def release(self, a: torch.Tensor, gen: torch.Generator, *, train: bool) -> torch.Tensor:
+    def release(
+        self, a: torch.Tensor, gen: torch.Generator | None = None, *, train: bool
+    ) -> torch.Tensor:
+        """Clip and noise `a`. The noise comes from the OS CSPRNG; `gen` is only for attack
+        simulations that stand in for the data owner and need no secrecy."""
         if self.accountant is None:
             return a
         if train or self.cfg.noise_at_inference:

@@ -1,0 +1,84 @@
+"""DP noise is a secret of the data owner: a trainer that knows the config and the job seed cannot
+regenerate it, a resume resends the saved one-shot release instead of drawing new noise, and a
+lost release that has to be redrawn is counted."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clicooper.job import ChainJob
+from clicooper.privacy.activation_dp import clip_per_sample
+from clicooper.privacy.release_store import RELEASE_FILE
+from clicooper.seeding import generator
+from tests.conftest import tiny_config
+
+
+def _one_shot(**privacy):
+    return tiny_config(
+        privacy={"dp": True, "epsilon": 2.0, "release": "one-shot", "secret_seed": 1, **privacy},
+        training={"epochs": 1},
+    )
+
+
+def _first_releases(job: ChainJob) -> dict[int, torch.Tensor]:
+    """Run one round and return what trainer_1 received in its first training step, by sample id."""
+    sent: list = []
+    original = job.transport.send
+    job.transport.send = lambda m: (sent.append(m), original(m))[1]
+    job.data_owner.train_round(0)
+    fwd = next(m for m in sent if m.KIND == "forward" and m.header.receiver == "trainer_1" and m.train)
+    return fwd.activation
+
+
+def test_a_trainer_with_the_seed_cannot_subtract_the_noise(digits, tmp_path):
+    cfg = _one_shot()
+    job = ChainJob(cfg, digits, tmp_path / "a")
+    released = job.data_owner._one_shot_release()
+    with torch.no_grad():
+        clean = clip_per_sample(job.data_owner.head(digits.train_x), cfg.privacy.clip)
+    sigma_c = job.defence.noise_multiplier * cfg.privacy.clip
+    noise = released - clean
+    per_coord_std = float(noise.std())
+    assert math.isclose(per_coord_std, sigma_c, rel_tol=0.05)
+    # The trainer regenerates every stream it could derive from the public seed and subtracts it.
+    for labels in (("dp", "one-shot"), ("dp", 0), ("dp-inference", "eval"), ("init",)):
+        guess = torch.randn(released.shape, generator=generator(cfg.job.seed, *labels)) * sigma_c
+        residual = released - guess - clean
+        assert float(residual.std()) > 1.3 * sigma_c  # independent noise adds up; nothing cancels
+    # The same config and seed, run again, release under different noise (nothing public fixes it).
+    again = ChainJob(cfg, digits, tmp_path / "b").data_owner._one_shot_release()
+    diff_std = float((again - released).std())
+    assert math.isclose(diff_std, math.sqrt(2) * sigma_c, rel_tol=0.05)
+
+
+def test_noise_is_nowhere_on_disk(digits, tmp_path):
+    cfg = _one_shot()
+    job = ChainJob(cfg, digits, tmp_path)
+    job.run()
+    released = job.data_owner._one_shot_release()
+    noise = released - clip_per_sample(job.data_owner.head(digits.train_x).detach(), cfg.privacy.clip)
+    probe = noise[0, :4].numpy().tobytes()  # 16 bytes of the secret noise
+    for f in tmp_path.rglob("*"):
+        if f.is_file() and f.name != RELEASE_FILE:  # the release itself (noise + signal) is private too
+            assert probe not in f.read_bytes(), f
+    assert (tmp_path / "data_owner" / RELEASE_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_resume_resends_the_saved_release_and_a_lost_one_is_counted(digits, tmp_path):
+    cfg = _one_shot().replace(training={"epochs": 2})
+    first = ChainJob(cfg, digits, tmp_path)
+    r0 = first.data_owner._one_shot_release().clone()
+    first.data_owner.train_round(0)
+    resumed = ChainJob(cfg, digits, tmp_path)
+    resumed.resume()
+    assert torch.equal(resumed.data_owner._one_shot_release(), r0)
+    assert resumed.defence.accountant.releases == 1
+    (tmp_path / "data_owner" / RELEASE_FILE).unlink()
+    lost = ChainJob(cfg, digits, tmp_path)
+    lost.resume()
+    redrawn = lost.data_owner._one_shot_release()
+    assert not torch.equal(redrawn, r0)
+    assert lost.defence.accountant.releases == 2  # the second draw is paid for
+    assert lost.defence.epsilon() > resumed.defence.epsilon()
