@@ -62,6 +62,7 @@ class TrainingSection(_Section):
     sampling: Literal["shuffle", "poisson"] = "shuffle"
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 

@@ -34,6 +34,7 @@ from clicooper.privacy.defence import DataOwnerDefences
 from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
 from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
 from clicooper.provenance.stage import StageProvenance
+from clicooper.schedule import schedule, set_lr
 from clicooper.seeding import derive_seed, epoch_batches
 from clicooper.transport import InProcTransport, Transport
 
@@ -123,23 +124,40 @@ def new_run_dir(cfg: JobConfig, suffix: str = "") -> Path:
     return d
 
 
+PRETRAIN_SCALE = 16.0  # cosine-probe temperature
+PRETRAIN_CENTRE_WEIGHT = 1.0  # pull each feature to its class's probe direction
+PRETRAIN_LR = 2e-3
+
+
 def pretrain_head(head: nn.Module, data: DatasetSplits, cfg: JobConfig) -> None:
-    """The data owner's local "prep work": train the head with a throw-away linear probe on its own
-    data (nothing leaves it), so that the activations it later releases are already discriminative.
-    The probe reads L2-normalised activations, matching what clipping leaves of them."""
+    """The data owner's local "prep work": train the head on its own data (nothing leaves it), so
+    that the activations it later releases are already discriminative.
+
+    The throw-away probe is a cosine classifier (unit-norm features against unit-norm class
+    directions) plus a centre term pulling each feature to its class's direction. Why: trainers
+    can only learn class statistics from a noised release (see docs/privacy.md), which amounts to
+    a nearest-class-mean read-out; the centre term makes that read-out as good as the probe
+    (measured: 88.6% vs 88.9% on Fashion-MNIST after 2 epochs, against 86.1% vs 87.7% for a plain
+    linear probe)."""
     with torch.no_grad():
         dim = head(data.train_x[:1]).flatten(1).shape[1]
-    probe = nn.Linear(dim, data.num_classes)
-    opt = torch.optim.Adam([*head.parameters(), *probe.parameters()], lr=1e-3)
+    directions = nn.Parameter(torch.randn(data.num_classes, dim, generator=torch.Generator().manual_seed(0)))
+    opt = torch.optim.Adam([*head.parameters(), directions], lr=PRETRAIN_LR)
+    epochs = cfg.model.head_pretrain_epochs
+    batches = [epoch_batches(cfg.job.seed, f"pretrain-{e}", len(data.train_x), 128) for e in range(epochs)]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, PRETRAIN_LR, total_steps=max(sum(map(len, batches)), 1))
     head.train()
-    for epoch in range(cfg.model.head_pretrain_epochs):
-        for ids in epoch_batches(cfg.job.seed, f"pretrain-{epoch}", len(data.train_x), 128):
-            a = head(data.train_x[ids]).flatten(1)
-            a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            loss = F.cross_entropy(probe(a) * 10, data.train_y[ids])
+    for epoch_ids in batches:
+        for ids in epoch_ids:
+            a = F.normalize(head(data.train_x[ids]).flatten(1), dim=1)
+            w = F.normalize(directions, dim=1)
+            y = data.train_y[ids]
+            loss = F.cross_entropy(PRETRAIN_SCALE * a @ w.T, y)
+            loss = loss + PRETRAIN_CENTRE_WEIGHT * ((a - w[y]) ** 2).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
 
 
 def build_defence(cfg: JobConfig, data: DatasetSplits, run_dir: Path | None) -> DataOwnerDefences | None:
@@ -205,6 +223,7 @@ class ChainJob:
         if one_shot or cfg.model.freeze_head:
             head.requires_grad_(False)
         tcfg = cfg.training
+        lr_at = schedule(tcfg.lr, tcfg.epochs, tcfg.lr_schedule) if tcfg.lr_schedule != "constant" else None
         shapes = self._segment_input_shapes(segs)
         wm = cfg.watermark.enabled
         self.spec = WatermarkSpec(**cfg.watermark.model_dump(exclude={"enabled"})) if wm else None
@@ -239,6 +258,7 @@ class ChainJob:
                     hooks=self._stage_provenance(i, names) if wm else None,
                     verifier="verifier" if wm else None,
                     checkpoint_dir=run_dir / names[i] if run_dir else None,
+                    lr_schedule=lr_at,
                 )
             )
         self.data_owner = DataOwner(
@@ -257,6 +277,7 @@ class ChainJob:
             defence=defence,
             verifier="verifier" if wm else None,
             checkpoint_dir=run_dir / "data_owner" if run_dir else None,
+            lr_schedule=lr_at,
         )
         for t in self.trainers:
             t.register_with_verifier()
@@ -298,8 +319,11 @@ class ChainJob:
                 x = s.eval()(x)
         return shapes
 
-    def compute(self) -> list[PartyCompute]:
-        """Each party's parameters and share of the run's training multiply-adds (see models/cost.py)."""
+    def compute(self, head_pretrain_epochs: int | None = None) -> list[PartyCompute]:
+        """Each party's parameters and share of the run's training multiply-adds (see models/cost.py).
+
+        `head_pretrain_epochs` overrides the configured count, for a head pre-trained elsewhere."""
+        pre = self.cfg.model.head_pretrain_epochs if head_pretrain_epochs is None else head_pretrain_epochs
         costs = block_costs(self.model, self.data.input_shape, "flops")
         b = self.plan.bounds
         segs = split_model(self.model, self.plan)
@@ -313,7 +337,7 @@ class ChainJob:
                 "data_owner",
                 n_params[0],
                 macs[0],
-                train_passes=n * (self.cfg.model.head_pretrain_epochs + (epochs if head_trains else 0)),
+                train_passes=n * (pre + (epochs if head_trains else 0)),
                 forward_passes=0 if head_trains else (n if one_shot else n * epochs),
             )
         ]
@@ -421,8 +445,10 @@ def train_centralized(
     opt = make_optimizer(model.parameters(), cfg.training)
     bs = cfg.training.batch_size
     epoch_times, t0, acc = [], time.perf_counter(), float("nan")
+    lr_at = schedule(cfg.training.lr, cfg.training.epochs, cfg.training.lr_schedule)
     for epoch in range(cfg.training.epochs):
         te = time.perf_counter()
+        set_lr(opt, lr_at(epoch))
         batches = epoch_batches(
             cfg.job.seed, epoch, len(data.train_x), bs, poisson=cfg.training.sampling == "poisson"
         )

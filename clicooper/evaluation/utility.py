@@ -1,13 +1,16 @@
-"""Privacy-utility sweep (`clicooper eval utility`): test accuracy against epsilon, one line per
-gamma, for both release modes, with the undefended chain and centralized training as references.
+"""Privacy-utility frontier (`clicooper eval utility`): test accuracy against epsilon, for the
+activation-level guarantee (DP release of a head pre-trained on the private data) and, where
+available, the end-to-end guarantee (head trained with DP-SGD, composed with the release).
 
-Every configuration is trained from the same seed and initial weights. Accuracy is reported for
-inference on clipped clean activations (the deployed model) and, for DP runs, with the same noise
-at inference too (what the trainers could be shown of test inputs under the same guarantee).
+Every point is the configured job with only the privacy settings changed, trained from the same
+seed, and shows the data owner's share of the training multiply-adds. References from the same
+run: the same model with every defence off (the undefended chain) and trained centrally.
+Accuracy is for inference on clean (clipped, un-noised) activations, the deployed model.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import time
@@ -17,124 +20,163 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from torch import nn  # noqa: E402
 
 from clicooper.config import JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
-from clicooper.job import ChainJob, train_centralized  # noqa: E402
+from clicooper.job import ChainJob, build_model_and_plan, pretrain_head, train_centralized  # noqa: E402
+from clicooper.models import split_model  # noqa: E402
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
-GAMMAS = (1, 2, 4)
-MODES = ("per-step", "one-shot")
+GUARANTEES = ("activation",)
 
 
-def privacy_variant(cfg: JobConfig, epsilon: float, gamma: int, mode: str) -> JobConfig:
-    """The job with activation DP at `epsilon` (none if inf) and label expansion `gamma`."""
+def privacy_variant(cfg: JobConfig, epsilon: float) -> JobConfig:
+    """The job with activation DP at `epsilon` (none if inf); every other setting unchanged."""
     dp = math.isfinite(epsilon)
     return cfg.replace(
         privacy={
             "dp": dp,
             "epsilon": epsilon if dp else None,
             "noise_multiplier": None,
-            "release": mode,
-            "gamma": gamma,
-            "secret_seed": cfg.job.seed,
+            "budget_epsilon": None,
         }
     )
 
 
 def undefended(cfg: JobConfig) -> JobConfig:
     return cfg.replace(
-        privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "gamma": 1, "u_shaped": False}
+        privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "gamma": 1, "u_shaped": False},
+        watermark={"enabled": False},
     )
 
 
-def run_variant(cfg: JobConfig, data: DatasetSplits) -> dict:
+def _with_pretrained_head(cfg: JobConfig, data: DatasetSplits) -> nn.Sequential:
+    """The configured model with its head already pre-trained (shared by every activation-level
+    point: pre-training depends only on the seed and the data, not on epsilon)."""
+    model, plan = build_model_and_plan(cfg, data)
+    if cfg.model.head_pretrain_epochs:
+        pretrain_head(split_model(model, plan)[0], data, cfg)
+    return model
+
+
+def run_point(cfg: JobConfig, data: DatasetSplits, model: nn.Sequential | None = None) -> dict:
+    """Train one configuration; a given `model` has its head pre-trained already (not repeated)."""
     t0 = time.perf_counter()
-    job = ChainJob(cfg, data, None)
+    pre = cfg.model.head_pretrain_epochs
+    run_cfg = cfg.replace(model={"head_pretrain_epochs": 0}) if model is not None else cfg
+    job = ChainJob(run_cfg, data, None, model=copy.deepcopy(model) if model is not None else None)
     s = job.run()
-    row = {
+    share = next(c.share for c in job.compute(head_pretrain_epochs=pre) if c.party == "data_owner")
+    return {
         "test_accuracy": s.test_accuracy,
         "epsilon_spent": s.epsilon,
-        "time_s": time.perf_counter() - t0,
         "sigma": getattr(job.defence, "noise_multiplier", None),
-        "noisy_inference_accuracy": None,
+        "data_owner_share": share,
+        "time_s": time.perf_counter() - t0,
     }
-    if cfg.privacy.dp:
-        job.defence.cfg = cfg.privacy.model_copy(update={"noise_at_inference": True})
-        row["noisy_inference_accuracy"] = job.data_owner.evaluate("test", tag="noisy-inference")
-    return row
 
 
 def run_utility_sweep(
-    cfg: JobConfig, data: DatasetSplits, out: Path, *, epsilons=EPSILONS, gammas=GAMMAS, modes=MODES
+    cfg: JobConfig,
+    data: DatasetSplits,
+    out: Path,
+    *,
+    epsilons=EPSILONS,
+    guarantees=GUARANTEES,
+    pretrain_epochs: tuple[int, ...] = (),
 ) -> Path:
+    """The frontier, and (for each count in `pretrain_epochs`) the configured epsilon with the head
+    pre-trained that many epochs: how the data owner's compute share trades against accuracy."""
     out.mkdir(parents=True, exist_ok=True)
-    central, _ = train_centralized(undefended(cfg).replace(privacy={"gamma": 1}), data)
-    plain = run_variant(undefended(cfg), data)
+    central, _ = train_centralized(undefended(cfg), data)
+    plain = run_point(undefended(cfg), data)
     rows = []
-    for mode in modes:
-        for gamma in gammas:
-            for eps in epsilons:
-                if not math.isfinite(eps) and mode != modes[0]:
-                    continue  # without DP the release mode does not matter
-                r = run_variant(privacy_variant(cfg, eps, gamma, mode), data)
-                rows.append(
-                    {
-                        "release": mode if math.isfinite(eps) else "-",
-                        "gamma": gamma,
-                        "epsilon_target": eps,
-                        **r,
-                    }
-                )
+    head_model = _with_pretrained_head(cfg, data)
+    for guarantee in guarantees:
+        for eps in epsilons:
+            if guarantee != "activation" and not math.isfinite(eps):
+                continue  # without DP there is one guarantee (none); it is in the activation line
+            if guarantee == "activation":
+                r = run_point(privacy_variant(cfg, eps), data, head_model)
+            else:
+                r = run_point(privacy_variant(cfg, eps).replace(privacy={"guarantee": guarantee}), data)
+            rows.append(
+                {"guarantee": guarantee if math.isfinite(eps) else "none", "epsilon_target": eps, **r}
+            )
+    share_rows = []
+    for pre in pretrain_epochs:
+        c = cfg.replace(model={"head_pretrain_epochs": pre})
+        share_rows.append({"head_pretrain_epochs": pre, **run_point(c, data)})
     with (out / "utility.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    png = _plot(rows, plain["test_accuracy"], central.test_accuracy, gammas, modes, out / "utility.png")
-    report = Report(f"Privacy-utility sweep ({data.name})")
+    png = _plot(rows, plain, central.test_accuracy, out / "utility.png")
+    report = Report(f"Privacy-utility frontier ({data.name})")
+    p = cfg.privacy
     report.text(
-        f"{cfg.model.arch}, {cfg.model.n_trainers} trainers, {cfg.training.epochs} epoch(s), "
-        f"{len(data.train_x)} training samples, batches: {cfg.training.sampling}. "
-        f"References from the same run: centralized {central.test_accuracy:.4f}, "
-        f"undefended chain {plain['test_accuracy']:.4f}."
+        f"{cfg.model.arch}, {cfg.model.n_trainers} trainers, {cfg.training.epochs} epoch(s) "
+        f"(lr schedule: {cfg.training.lr_schedule}), head pre-trained {cfg.model.head_pretrain_epochs} "
+        f"epoch(s), release {p.release}, gamma {p.gamma}, delta {p.delta:g}, "
+        f"{len(data.train_x)} training / {len(data.test_x)} test samples. "
+        f"References from the same run: centralized {central.test_accuracy:.4f}, undefended chain "
+        f"{plain['test_accuracy']:.4f} (data owner's share of the multiply-adds "
+        f"{plain['data_owner_share']:.1%})."
     )
     report.table(
         rows,
         [
-            "release",
-            "gamma",
+            "guarantee",
             "epsilon_target",
             "epsilon_spent",
             "sigma",
             "test_accuracy",
-            "noisy_inference_accuracy",
+            "data_owner_share",
             "time_s",
         ],
     )
-    report.figure(png, "test accuracy vs epsilon (clean inference), one line per gamma")
+    report.figure(png, "test accuracy vs epsilon (clean inference); labels: data owner's compute share")
+    if share_rows:
+        report.heading(f"Data owner's compute share against accuracy (epsilon {p.epsilon})")
+        report.table(
+            share_rows,
+            ["head_pretrain_epochs", "test_accuracy", "epsilon_spent", "data_owner_share", "time_s"],
+        )
+        with (out / "compute_share.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(share_rows[0]))
+            w.writeheader()
+            w.writerows(share_rows)
     md, _ = report.write(out, "utility")
     return md
 
 
-def _plot(rows, plain_acc, central_acc, gammas, modes, path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+def _plot(rows: list[dict], plain: dict, central_acc: float, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
     finite = sorted({r["epsilon_target"] for r in rows if math.isfinite(r["epsilon_target"])})
     x_inf = (max(finite) * 2) if finite else 1.0
-    for ax, mode in zip(axes[0], modes, strict=True):
-        for g in gammas:
-            rs = [r for r in rows if r["gamma"] == g and r["release"] in (mode, "-")]
-            rs.sort(key=lambda r: r["epsilon_target"])
-            xs = [r["epsilon_target"] if math.isfinite(r["epsilon_target"]) else x_inf for r in rs]
-            ax.plot(xs, [r["test_accuracy"] for r in rs], "o-", label=f"gamma={g}")
-        ax.axhline(plain_acc, color="k", ls="--", lw=1, label="undefended chain")
-        ax.axhline(central_acc, color="grey", ls=":", lw=1, label="centralized")
-        ax.set_xscale("log")
-        ax.set_xlabel("epsilon (rightmost point: no DP)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"release: {mode}")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
+    none = [r for r in rows if r["guarantee"] == "none"]
+    for g in sorted({r["guarantee"] for r in rows} - {"none"}):
+        rs = sorted([r for r in rows if r["guarantee"] == g] + none, key=lambda r: r["epsilon_target"])
+        xs = [r["epsilon_target"] if math.isfinite(r["epsilon_target"]) else x_inf for r in rs]
+        ax.plot(xs, [r["test_accuracy"] for r in rs], "o-", label=f"{g} DP")
+        for x, r in zip(xs, rs, strict=True):
+            ax.annotate(
+                f"{r['data_owner_share']:.0%}",
+                (x, r["test_accuracy"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(0, 5),
+                ha="center",
+            )
+    ax.axhline(plain["test_accuracy"], color="k", ls="--", lw=1, label="undefended chain")
+    ax.axhline(central_acc, color="grey", ls=":", lw=1, label="centralized")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (rightmost point: no DP)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

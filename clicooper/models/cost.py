@@ -38,7 +38,7 @@ class PartyCompute:
 
 
 def party_compute(segments: Sequence[SegmentWork]) -> list[PartyCompute]:
-    """Sum each party's parameters and training multiply-adds; shares add up to 1 (in order of first appearance)."""
+    """Sum each party's parameters and training multiply-adds; the shares add up to 1."""
     params: dict[str, int] = {}
     macs: dict[str, float] = {}
     for s in segments:

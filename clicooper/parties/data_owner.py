@@ -26,6 +26,7 @@ from clicooper.checkpoint import (
 from clicooper.data import DatasetSplits
 from clicooper.parties.base import Party, ProtocolError, check_tensor
 from clicooper.privacy.release_store import RELEASE_FILE, load_release, save_release
+from clicooper.schedule import RoundLr, set_lr
 from clicooper.seeding import epoch_batches
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
@@ -76,6 +77,7 @@ class DataOwner(Party):
         verifier: str | None = None,
         checkpoint_dir: Path | None = None,
         name: str = "data_owner",
+        lr_schedule: RoundLr | None = None,
     ) -> None:
         super().__init__(name, job_id, transport)
         self.data = data
@@ -88,6 +90,7 @@ class DataOwner(Party):
         self.defence = defence
         self.verifier = verifier
         self.checkpoint_dir = checkpoint_dir
+        self.lr_schedule = lr_schedule
         self.rounds_done = 0
         self.last_round_steps = 0
         self._released: torch.Tensor | None = None  # one-shot release cache
@@ -153,6 +156,9 @@ class DataOwner(Party):
             self._receive(RoundOpened, rnd, 0)
         if self.defence is not None:
             self.defence.begin_round(rnd)
+        if self.lr_schedule is not None:
+            set_lr(self.head_optimizer, self.lr_schedule(rnd))
+            set_lr(self.tail_optimizer, self.lr_schedule(rnd))
         one_shot = self.defence is not None and self.defence.one_shot
         released_all = self._one_shot_release() if one_shot else None
         batches = epoch_batches(self.seed, rnd, len(self.data.train_x), self.batch_size, poisson=self.poisson)

@@ -20,6 +20,7 @@ from torch import nn
 from clicooper.checkpoint import load_module_optimizer_state, load_state, module_optimizer_state, save_state
 from clicooper.checkpoint import round_prefix as _round_prefix
 from clicooper.parties.base import Party, ProtocolError, check_tensor
+from clicooper.schedule import RoundLr, set_lr
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
     Backward,
@@ -74,9 +75,11 @@ class Trainer(Party):
         hooks: TrainerHooks | None = None,
         verifier: str | None = None,
         checkpoint_dir: Path | None = None,
+        lr_schedule: RoundLr | None = None,
     ) -> None:
         super().__init__(name, job_id, transport)
         self.position = position
+        self.lr_schedule = lr_schedule
         self.segment = segment
         self.optimizer = optimizer
         self.prev, self.next, self.data_owner = prev, next, data_owner
@@ -162,6 +165,8 @@ class Trainer(Party):
             return
         if key <= self._last_train_step:
             raise ProtocolError(f"{self.name}: training step {key} arrived after {self._last_train_step}")
+        if self.lr_schedule is not None and key[0] != self._last_train_step[0]:
+            set_lr(self.optimizer, self.lr_schedule(key[0]))  # the first training step of a round
         self._last_train_step = key
         self._observe(self.prev, "in", key, x)
         self.segment.train()

@@ -105,9 +105,7 @@ class DataOwnerDefences:
         self.accountant.record_release(events)
         self._write_ledger()
 
-    def release(
-        self, a: torch.Tensor, gen: torch.Generator | None = None, *, train: bool
-    ) -> torch.Tensor:
+    def release(self, a: torch.Tensor, gen: torch.Generator | None = None, *, train: bool) -> torch.Tensor:
         """Clip and noise `a`. The noise comes from the OS CSPRNG; `gen` is only for attack
         simulations that stand in for the data owner and need no secrecy."""
         if self.accountant is None:

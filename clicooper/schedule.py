@@ -1,0 +1,43 @@
+"""Learning-rate schedules by round, the same pure function in every party.
+
+Each party steps its own optimiser, so each sets its own learning rate from the round number
+and the job's public training settings; nothing is exchanged and a resumed party recomputes
+the same value. Cosine decay matters for learning from a noised one-shot release: with a
+constant rate the read-out's weights keep jumping with the noise of each batch (measured in
+EXPERIMENTS.md), while a decaying rate averages it out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+LrScheduleKind = Literal["constant", "cosine"]
+RoundLr = Callable[[int], float]
+
+
+# Cosine decay stops at this fraction of the base rate: every round must still be able to embed
+# its fresh watermark bits (a round at a near-zero rate cannot move the weights that carry them).
+COSINE_FLOOR = 0.1
+
+
+def round_lr(base: float, rnd: int, epochs: int, kind: LrScheduleKind) -> float:
+    """The learning rate of round `rnd` (0-based) of `epochs`: constant, or cosine-decayed from
+    `base` to COSINE_FLOOR * base, evaluated at the round's midpoint."""
+    if kind == "constant":
+        return base
+    cos = 0.5 * (1.0 + math.cos(math.pi * (rnd + 0.5) / max(epochs, 1)))
+    return base * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * cos)
+
+
+def schedule(base: float, epochs: int, kind: LrScheduleKind) -> RoundLr:
+    return lambda rnd: round_lr(base, rnd, epochs, kind)
+
+
+def set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
