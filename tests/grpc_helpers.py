@@ -18,11 +18,22 @@ FAST = GrpcOptions(
 )
 
 
-def endpoint(roster: Roster, pki: dict, party: str, handler, book: dict, options: GrpcOptions = FAST):
-    """One party in its own transport (as in its own process), listening on a free loopback port."""
+def endpoint(
+    roster: Roster,
+    pki: dict,
+    party: str,
+    handler,
+    book: dict,
+    options: GrpcOptions = FAST,
+    *,
+    register: bool = True,
+):
+    """One party in its own transport (as in its own process), listening on a free loopback port
+    (with register=False the caller's party object registers itself)."""
     t = GrpcTransport(roster, {**book, party: "127.0.0.1:0"}, tls={party: pki[party]}, options=options)
-    t.register(party, handler)
-    book[party] = t.addresses[party]
+    if register:
+        t.register(party, handler)
+        book[party] = t.addresses[party]
     return t
 
 
