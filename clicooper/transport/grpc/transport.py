@@ -434,9 +434,9 @@ class GrpcTransport(Transport):
             link = self._links.get((h.sender, h.receiver))
             if link is None:
                 link = self._links[(h.sender, h.receiver)] = _Link(self, h.sender, h.receiver)
-        link.send(bytes(data), what)
-        with self._lock:
+        with self._lock:  # counted when handed to the link (before the receiver can act on it)
             self._count(msg, len(data))
+        link.send(bytes(data), what)
 
     def receive(self, party: str, timeout: float | None = None) -> Message:
         q = self._queues.get(party)
