@@ -355,3 +355,22 @@ def test_concurrent_senders_share_nothing(roster, pki, closing):
     assert len(got) == 40
     for s in ("trainer_1", "trainer_3"):
         assert [m.header.seq for m in got if m.header.sender == s] == list(range(1, 21))
+
+
+def test_acknowledgement_deadline(roster, pki, closing, monkeypatch):
+    """A receiver that stalls: the sender gives up after send_timeout with a clear error."""
+    t2 = endpoint(roster, pki, "trainer_2", lambda m: None, {})
+    accept = t2._accept
+
+    def stall(me, peer, frame):
+        time.sleep(2.5)
+        return accept(me, peer, frame)
+
+    monkeypatch.setattr(t2, "_accept", stall)
+    impatient = GrpcOptions(**{**FAST.__dict__, "send_timeout": 0.5})
+    t1 = endpoint(roster, pki, "trainer_1", None, dict(t2.addresses), options=impatient)
+    closing.extend([t1, t2])
+    t0 = time.perf_counter()
+    with pytest.raises(TransportError, match=r"trainer_2 did not acknowledge forward .* within 0.5s"):
+        t1.send(_fwd("trainer_1", "trainer_2", 1, torch.ones(2)))
+    assert time.perf_counter() - t0 < 2.0

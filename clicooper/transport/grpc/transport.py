@@ -109,8 +109,10 @@ class _Link:
         self.lock = threading.Lock()
         self.channel: grpc.Channel | None = None
         self.requests: queue.Queue | None = None
-        self.acks: queue.Queue | None = None
         self.call = None
+        self.done: threading.Event | None = None
+        self.waiting_since: float | None = None
+        self.overdue = False
 
     def _make_channel(self) -> grpc.Channel:
         addr = self.t.addresses.get(self.receiver)
@@ -149,45 +151,59 @@ class _Link:
                 "a TLS handshake refused by either side looks the same)"
             )
         requests: queue.Queue = queue.Queue()
-        acks: queue.Queue = queue.Queue()
 
         def frames():
             while (f := requests.get()) is not _STOP:
                 yield f
 
         call = self.channel.stream_stream(f"/{SERVICE}/{METHOD}")(frames())
+        done = threading.Event()
+        threading.Thread(
+            target=self._watch,
+            args=(call, done),
+            name=f"ack-deadline-{self.sender}-{self.receiver}",
+            daemon=True,
+        ).start()
+        self.requests, self.call, self.done = requests, call, done
 
-        def read_acks():
-            try:
-                for a in call:
-                    acks.put(a)
-                acks.put(TransportError("the receiver closed the stream"))
-            except grpc.RpcError as e:
-                acks.put(e)
-
-        threading.Thread(target=read_acks, name=f"acks-{self.sender}-{self.receiver}", daemon=True).start()
-        self.requests, self.acks, self.call = requests, acks, call
+    def _watch(self, call, done: threading.Event) -> None:
+        """The acknowledgement deadline: cancel the stream when an acknowledgement is overdue."""
+        limit = self.t.options.send_timeout
+        while not done.wait(min(1.0, limit / 4)):
+            since = self.waiting_since
+            if since is not None and time.monotonic() - since > limit:
+                self.overdue = True
+                call.cancel()
+                return
 
     def send(self, frame: bytes, what: str) -> None:
         with self.lock:
             if self.call is None:
                 self._open()
-            assert self.requests is not None and self.acks is not None
+            assert self.requests is not None
+            self.overdue = False
+            self.waiting_since = time.monotonic()
             self.requests.put(frame)
-            try:
-                ack = self.acks.get(timeout=self.t.options.send_timeout)
-            except queue.Empty:
-                self.close()
-                raise TransportError(
-                    f"{self.sender}: {self.receiver} did not acknowledge {what} within "
-                    f"{self.t.options.send_timeout:g}s"
-                ) from None
+            try:  # read the acknowledgement in this thread: no extra thread hand-off per frame
+                ack: bytes | Exception = next(self.call)
+            except StopIteration:
+                ack = TransportError("the receiver closed the stream")
+            except grpc.RpcError as e:
+                ack = e
+            finally:
+                self.waiting_since = None
             if isinstance(ack, bytes):
                 if ack == ACK_OK:
                     return
                 reason = ack[1:].decode(errors="replace")
                 raise TransportError(f"{self.receiver} refused {what} from {self.sender}: {reason}")
+            overdue = self.overdue
             self.close()
+            if overdue:
+                raise TransportError(
+                    f"{self.sender}: {self.receiver} did not acknowledge {what} within "
+                    f"{self.t.options.send_timeout:g}s"
+                )
             if isinstance(ack, grpc.RpcError):
                 code = ack.code()
                 detail = ack.details()
@@ -199,13 +215,15 @@ class _Link:
             raise TransportError(f"{self.sender} -> {self.receiver}: {what} not delivered: {ack}")
 
     def close(self) -> None:
+        if self.done is not None:
+            self.done.set()
         if self.requests is not None:
             self.requests.put(_STOP)
         if self.call is not None:
             self.call.cancel()
         if self.channel is not None:
             self.channel.close()
-        self.channel = self.requests = self.acks = self.call = None
+        self.channel = self.requests = self.call = self.done = None
 
 
 class GrpcTransport(Transport):
@@ -395,6 +413,8 @@ class GrpcTransport(Transport):
             try:
                 handler(msg)
             except Exception as e:
+                if self._closed:  # a send cut short by close(): nobody is left to tell
+                    continue
                 reason = f"{party} failed on {msg.KIND} from {msg.header.sender}: {type(e).__name__}: {e}"
                 log.error("%s", reason)
                 with self._lock:
