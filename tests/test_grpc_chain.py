@@ -48,3 +48,28 @@ def test_watermarked_chain_over_grpc_is_certified(digits, tmp_path):
     verdict, cert = verify_run(run)
     assert verdict.ok, verdict.summary()
     assert cert is not None and sorted(verdict.final_watermarks) == [1, 2, 3]
+
+
+def test_a_trainer_failure_aborts_the_job_with_its_reason(digits):
+    """The same corruption as the in-process test (a wrong-shape gradient from trainer_2): over gRPC
+    trainer_1's ProtocolError travels as an Abort and the data owner's round stops with it."""
+    from clicooper.transport import Backward
+    from clicooper.transport.grpc import RemoteAbort
+
+    with _grpc("gabort", 3) as tr:
+        job = ChainJob(tiny_config(), digits, None, transport=tr, job_id="gabort")
+        t2 = job.trainers[1]
+        original = t2.send
+
+        def corrupt(cls, receiver, rnd, step, **fields):
+            if cls is Backward:
+                fields["grad"] = fields["grad"][:, :1]
+            return original(cls, receiver, rnd, step, **fields)
+
+        t2.send = corrupt
+        with pytest.raises(
+            RemoteAbort,
+            match=r"trainer_1 aborted: .*ProtocolError: trainer_1: gradient from "
+            r"trainer_2: shape",
+        ):
+            job.data_owner.train_round(0)
