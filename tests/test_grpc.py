@@ -126,7 +126,9 @@ def test_credentials_are_party_bound(roster, pki):
 
 
 def test_pki_files_keep_private_keys_private(tmp_path, roster):
-    make_local_pki(tmp_path, JOB, roster.parties)
+    from clicooper.transport.grpc.tls import main
+
+    main([str(tmp_path), JOB, *roster.parties])  # python -m clicooper.transport.grpc OUT JOB PARTY...
     for p in roster.parties:
         assert (tmp_path / p / "key.pem").stat().st_mode & 0o077 == 0
         assert sorted(f.name for f in (tmp_path / p).iterdir()) == ["ca.pem", "cert.pem", "key.pem"]
@@ -394,3 +396,32 @@ def test_roster_links_follow_the_protocol():
     )
     with pytest.raises(ValueError, match="duplicate"):
         Roster("j", ("data_owner",))
+
+
+def test_a_flooding_neighbour_is_refused_once_the_backlog_is_full(roster, pki, closing):
+    release = threading.Event()
+    got: list = []
+
+    def slow(msg):
+        release.wait(10)
+        got.append(msg)
+
+    few = GrpcOptions(**{**FAST.__dict__, "max_pending": 3})
+    t2 = endpoint(roster, pki, "trainer_2", slow, {}, options=few)
+    t1 = endpoint(roster, pki, "trainer_1", None, dict(t2.addresses))
+    closing.extend([t2, t1])
+    sent, refused = 0, None
+    for i in range(10):
+        try:
+            t1.send(_fwd("trainer_1", "trainer_2", i + 1, torch.ones(2)))
+            sent += 1
+        except TransportError as e:
+            refused = str(e)
+            break
+    assert sent in (3, 4)  # three pending, and one in the handler unless it had not started yet
+    assert "3 messages already pending" in refused
+    release.set()
+    deadline = time.time() + 5
+    while len(got) < sent and time.time() < deadline:
+        time.sleep(0.02)
+    t1.send(_fwd("trainer_1", "trainer_2", 20, torch.ones(2)))  # served again once drained

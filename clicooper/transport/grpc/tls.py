@@ -250,3 +250,18 @@ def cert_identity(pem: bytes) -> tuple[str | None, str]:
     if len(cns) != 1:
         raise TlsError("certificate has no single common name")
     return None, check_name(str(cns[0].value))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m clicooper.transport.grpc OUT JOB PARTY [PARTY ...]"""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Make a local CA and one TLS certificate per party.")
+    ap.add_argument("out", type=Path, help="folder: out/ca and one sub-folder per party")
+    ap.add_argument("job", help="job id (bound into every certificate)")
+    ap.add_argument("parties", nargs="+", help="party names, e.g. data_owner trainer_1 verifier")
+    ap.add_argument("--host", action="append", default=None, help="extra host name or IP (repeatable)")
+    a = ap.parse_args(argv)
+    hosts = ("localhost", "127.0.0.1", *(a.host or []))
+    make_local_pki(a.out, a.job, a.parties, hosts=hosts)
+    print(f"CA in {a.out / 'ca'} (keep ca.key offline); under {a.out}, give each party only its own folder")

@@ -73,6 +73,7 @@ class GrpcOptions:
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
     max_workers: int = 16
+    max_pending: int = 256  # messages queued for one party before further frames are refused
 
     def _common(self) -> list[tuple[str, int | str]]:
         return [
@@ -392,6 +393,9 @@ class GrpcTransport(Transport):
             return f"{me}: {msg.KIND} from {h.sender} is for job {h.job_id!r}, not {self.roster.job_id!r}"
         if msg.KIND not in self.roster.kinds(h.sender, me):
             return f"{me}: {h.sender} may not send {msg.KIND} messages to {me}"
+        if self._queues[me].qsize() >= self.options.max_pending:
+            n = self.options.max_pending
+            return f"{me}: {n} messages already pending; {msg.KIND} from {h.sender} refused"
         if msg.KIND != ABORT:
             with self._lock:
                 last = self._seq_in.get((h.sender, me), 0)
