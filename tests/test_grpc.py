@@ -425,3 +425,12 @@ def test_a_flooding_neighbour_is_refused_once_the_backlog_is_full(roster, pki, c
     while len(got) < sent and time.time() < deadline:
         time.sleep(0.02)
     t1.send(_fwd("trainer_1", "trainer_2", 20, torch.ones(2)))  # served again once drained
+
+
+def test_a_taken_port_is_a_clear_error(roster, pki, closing):
+    t2 = endpoint(roster, pki, "trainer_2", None, {})
+    closing.append(t2)
+    clash = GrpcTransport(roster, {"trainer_1": t2.addresses["trainer_2"]}, tls=pki, options=FAST)
+    closing.append(clash)
+    with pytest.raises(TransportError, match="trainer_1: cannot listen on 127.0.0.1:"):
+        clash.register("trainer_1", None)

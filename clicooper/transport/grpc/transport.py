@@ -261,6 +261,7 @@ class GrpcTransport(Transport):
             raise TlsError("mutual TLS needs credentials for the hosted parties (or insecure=True)")
         self._lock = threading.Lock()
         self._servers: dict[str, grpc.Server] = {}
+        self._pools: list[ThreadPoolExecutor] = []
         self._queues: dict[str, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
         self._links: dict[tuple[str, str], _Link] = {}
@@ -287,8 +288,9 @@ class GrpcTransport(Transport):
         if addr is None:
             raise TransportError(f"no address to serve {party!r} on")
         opts = self.options
+        pool = ThreadPoolExecutor(max_workers=opts.max_workers, thread_name_prefix=f"grpc-{party}")
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=opts.max_workers, thread_name_prefix=f"grpc-{party}"),
+            pool,
             options=opts.server_options(),
             maximum_concurrent_rpcs=opts.max_workers,
         )
@@ -303,19 +305,26 @@ class GrpcTransport(Transport):
                 ),
             )
         )
-        if self.insecure:
-            port = server.add_insecure_port(addr)
+        try:
+            if self.insecure:
+                port = server.add_insecure_port(addr)
+            else:
+                c = self.credentials(party)
+                job, name = c.identity()
+                if name != party or job not in (None, self.roster.job_id):
+                    raise TlsError(f"the certificate given for {party!r} names {name!r} in job {job!r}")
+                creds = grpc.ssl_server_credentials(
+                    [(c.private_key, c.cert_chain)], root_certificates=c.ca_cert, require_client_auth=True
+                )
+                port = server.add_secure_port(addr, creds)
+        except RuntimeError as e:  # grpcio raises when the port cannot be bound
+            port, why = 0, f" ({e})"
         else:
-            c = self.credentials(party)
-            job, name = c.identity()
-            if name != party or job not in (None, self.roster.job_id):
-                raise TlsError(f"the certificate given for {party!r} names {name!r} in job {job!r}")
-            creds = grpc.ssl_server_credentials(
-                [(c.private_key, c.cert_chain)], root_certificates=c.ca_cert, require_client_auth=True
-            )
-            port = server.add_secure_port(addr, creds)
+            why = ""
         if not port:
-            raise TransportError(f"{party}: cannot listen on {addr}")
+            server.stop(0)
+            pool.shutdown(wait=False)
+            raise TransportError(f"{party}: cannot listen on {addr}{why}")
         host = addr.rsplit(":", 1)[0]
         self.addresses[party] = f"{host}:{port}"
         q: queue.Queue = queue.Queue()
@@ -328,6 +337,7 @@ class GrpcTransport(Transport):
             self._threads.append(th)
         server.start()
         self._servers[party] = server
+        self._pools.append(pool)
         log.info(
             "%s serving on %s (%s)", party, self.addresses[party], "plaintext" if self.insecure else "mTLS"
         )
@@ -501,7 +511,9 @@ class GrpcTransport(Transport):
         for q in self._queues.values():
             q.put(_STOP)
         for s in self._servers.values():
-            s.stop(grace)
+            s.stop(grace).wait(grace + 1)
+        for pool in self._pools:
+            pool.shutdown(wait=False)
         for th in self._threads:
             th.join(timeout=5)
 
