@@ -128,6 +128,16 @@ class StageSealed(Message):
     attestations: str = "[]"
 
 
+@dataclass(frozen=True)
+class Abort(Message):
+    """A party failed or refused a message and stops: the reason travels to the data owner, which
+    drives the job (and from it to the others). Networked transports send it when a handler raises;
+    a pulling party's `receive` raises it as an error instead of returning it."""
+
+    KIND: ClassVar[str] = "abort"
+    reason: str = ""
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -142,5 +152,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Nonce,
         RoundOpened,
         StageSealed,
+        Abort,
     )
 }
