@@ -37,8 +37,11 @@ class L2Normalize(nn.Module):
         return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).reshape(x.shape)
 
 
+READOUT_INIT_STD = 0.02
+
+
 def small_cnn_dp(
-    input_shape: tuple[int, ...], num_outputs: int, width: int = 16, embed: int = 16, hidden: int = 128
+    input_shape: tuple[int, ...], num_outputs: int, width: int = 32, embed: int = 16, hidden: int = 128
 ) -> nn.Sequential:
     """A small CNN for activation DP: the head releases a unit-norm `embed`-number embedding, and
     the trainers' segments are linear maps.
@@ -49,10 +52,17 @@ def small_cnn_dp(
     (~16 at epsilon 2) and are used on clean activations of norm C: ReLU layers fit the noise on
     that shell and do not carry over to the clean ball (55-63% on Fashion-MNIST), while linear
     segments extrapolate exactly (86%, the same as a nearest-class-mean read-out). The three
-    trainer blocks therefore compose to a (low-rank) linear read-out of the released embedding.
+    trainer blocks therefore compose to a (low-rank) affine read-out of the released embedding.
+    The first trainer standardises its input with running statistics (a fixed affine map at
+    inference, so it extrapolates too): without it the release's large norm makes that trainer's
+    weight gradients so noisy that its watermark does not embed.
     """
     c, h, w = input_shape
     flat = 2 * width * (h // 4) * (w // 4)
+    readout = [nn.Linear(embed, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, num_outputs)]
+    for layer in readout:  # small weights: each round's watermark must move them only a little
+        nn.init.normal_(layer.weight, std=READOUT_INIT_STD)
+        nn.init.zeros_(layer.bias)
     return nn.Sequential(
         nn.Sequential(
             nn.Conv2d(c, width, 3, padding=1),
@@ -65,9 +75,9 @@ def small_cnn_dp(
             nn.Linear(flat, embed),
             L2Normalize(),
         ),
-        nn.Sequential(nn.Linear(embed, hidden)),
-        nn.Sequential(nn.Linear(hidden, hidden)),
-        nn.Sequential(nn.Linear(hidden, num_outputs)),
+        nn.Sequential(nn.BatchNorm1d(embed, affine=False), readout[0]),
+        nn.Sequential(readout[1]),
+        nn.Sequential(readout[2]),
     )
 
 
