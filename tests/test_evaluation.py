@@ -49,14 +49,18 @@ def test_privacy_matrix_attacks_succeed_without_defence(tmp_path):
 
 
 def test_utility_frontier_learns_under_dp_and_reports_compute_share(digits, tmp_path):
-    cfg = _cfg().replace(privacy={"release": "one-shot"})
-    md = run_utility_sweep(cfg, digits, tmp_path, epsilons=(4.0, math.inf))
+    cfg = _cfg().replace(
+        model={"head_pretrain_epochs": 5},
+        training={"epochs": 10, "optimizer": "adam", "lr": 1e-2, "lr_schedule": "cosine"},
+        privacy={"release": "one-shot"},
+    )
+    md = run_utility_sweep(cfg, digits, tmp_path, epsilons=(32.0, math.inf))  # 1,200 samples: weak DP
     with (tmp_path / "utility.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["guarantee"] for r in rows] == ["activation", "none"]
     dp, none = (float(r["test_accuracy"]) for r in rows)
-    assert dp > 0.3 and none > 0.3  # both learn (chance is 0.1), not just "an accuracy in [0, 1]"
-    assert float(rows[0]["epsilon_spent"]) <= 4.0 + 1e-6 and rows[1]["epsilon_spent"] == ""
+    assert dp > 0.3 and none > 0.6  # both learn (chance is 0.1), not just "an accuracy in [0, 1]"
+    assert float(rows[0]["epsilon_spent"]) <= 32.0 + 1e-6 and rows[1]["epsilon_spent"] == ""
     assert all(0 < float(r["data_owner_share"]) < 1 for r in rows)
     assert (tmp_path / "utility.png").exists() and "undefended chain" in md.read_text()
 

@@ -18,7 +18,7 @@ def test_release_learners_report(digits, tmp_path):
         model={"arch": "small-cnn-dp", "n_trainers": 3, "cut_points": [1, 2, 3], "head_pretrain_epochs": 5},
         privacy={"dp": True, "epsilon": 8.0, "release": "one-shot"},
     )
-    md = run_release_learners(cfg, digits, tmp_path, epochs=5)
+    md = run_release_learners(cfg, digits, tmp_path, epochs=20, lr=1e-2)
     with (tmp_path / "release_learners.csv").open() as f:
         acc = {r["learner"]: float(r["test_accuracy"]) for r in csv.DictReader(f)}
     reference = acc["no DP: linear read-out of clean activations (reference)"]

@@ -34,12 +34,12 @@ Learner = Callable[[torch.Tensor, torch.Tensor, int], Callable[[torch.Tensor], t
 
 
 def _fit(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, schedule: str, seed: int
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, schedule: str, seed: int, lr: float
 ) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for e in range(epochs):
         for g in opt.param_groups:
-            g["lr"] = round_lr(1e-3, e, epochs, schedule)  # type: ignore[arg-type]
+            g["lr"] = round_lr(lr, e, epochs, schedule)  # type: ignore[arg-type]
         model.train()
         for ids in epoch_batches(seed, f"learner-{e}", len(x), 256):
             loss = F.cross_entropy(model(x[ids]), y[ids])
@@ -62,10 +62,10 @@ def _net(kind: str, d: int, k: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, k))
 
 
-def trained(kind: str, schedule: str, epochs: int, seed: int) -> Learner:
+def trained(kind: str, schedule: str, epochs: int, seed: int, lr: float = 1e-3) -> Learner:
     def learner(x: torch.Tensor, y: torch.Tensor, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
         torch.manual_seed(seed)
-        m = _fit(_net(kind, x.shape[1], k), x, y, epochs, schedule, seed)
+        m = _fit(_net(kind, x.shape[1], k), x, y, epochs, schedule, seed, lr)
         return lambda a: m(a)
 
     return learner
@@ -81,7 +81,9 @@ def matched_noise(base: Learner, std: float, draws: int) -> Learner:
     return learner
 
 
-def run_release_learners(cfg: JobConfig, data: DatasetSplits, out: Path, *, epochs: int = 10) -> Path:
+def run_release_learners(
+    cfg: JobConfig, data: DatasetSplits, out: Path, *, epochs: int = 10, lr: float = 1e-3
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     p = cfg.privacy
     if p.epsilon is None:
@@ -106,20 +108,20 @@ def run_release_learners(cfg: JobConfig, data: DatasetSplits, out: Path, *, epoc
     seed = cfg.job.seed
     candidates: dict[str, tuple[Learner, torch.Tensor]] = {
         "no DP: linear read-out of clean activations (reference)": (
-            trained("linear", "cosine", epochs, seed),
+            trained("linear", "cosine", epochs, seed, lr),
             train,
         ),
         "nearest class mean of the release": (nearest_class_mean, release),
-        "linear, constant lr": (trained("linear", "constant", epochs, seed), release),
-        "linear, cosine lr": (trained("linear", "cosine", epochs, seed), release),
+        "linear, constant lr": (trained("linear", "constant", epochs, seed, lr), release),
+        "linear, cosine lr": (trained("linear", "cosine", epochs, seed, lr), release),
         "linear segments 16-128-128-K, cosine lr (default)": (
-            trained("linear-segments", "cosine", epochs, seed),
+            trained("linear-segments", "cosine", epochs, seed, lr),
             release,
         ),
-        "ReLU MLP 16-256-256-K, constant lr": (trained("mlp", "constant", epochs, seed), release),
-        "ReLU MLP 16-256-256-K, cosine lr": (trained("mlp", "cosine", epochs, seed), release),
+        "ReLU MLP 16-256-256-K, constant lr": (trained("mlp", "constant", epochs, seed, lr), release),
+        "ReLU MLP 16-256-256-K, cosine lr": (trained("mlp", "cosine", epochs, seed, lr), release),
         "ReLU MLP, cosine lr, matched-noise inference x64": (
-            matched_noise(trained("mlp", "cosine", epochs, seed), sigma * p.clip, 64),
+            matched_noise(trained("mlp", "cosine", epochs, seed, lr), sigma * p.clip, 64),
             release,
         ),
     }
@@ -139,7 +141,7 @@ def run_release_learners(cfg: JobConfig, data: DatasetSplits, out: Path, *, epoc
         f"Head: {cfg.model.arch}, pre-trained {cfg.model.head_pretrain_epochs} epoch(s), frozen; "
         f"release: one-shot, epsilon {p.epsilon} (delta {p.delta:g}, sigma {sigma:.3f}, C {p.clip}); "
         f"{len(train)} training / {len(test)} test samples, {train.shape[1]} numbers per release; "
-        f"learners trained {epochs} epochs (batch 256, Adam lr 1e-3). Scored on clean test activations. "
+        f"learners trained {epochs} epochs (batch 256, Adam lr {lr:g}). Scored on clean test activations. "
         f"Total time {time.perf_counter() - t0:.0f} s."
     )
     report.table(rows, ["learner", "test_accuracy", "time_s"])

@@ -20,7 +20,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from torch import nn  # noqa: E402
 
 from clicooper.config import JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
@@ -52,21 +51,27 @@ def undefended(cfg: JobConfig) -> JobConfig:
     )
 
 
-def _with_pretrained_head(cfg: JobConfig, data: DatasetSplits) -> nn.Sequential:
-    """The configured model with its head already pre-trained (shared by every activation-level
-    point: pre-training depends only on the seed and the data, not on epsilon)."""
+def _pretrained_head(cfg: JobConfig, data: DatasetSplits) -> dict:
+    """The configured head pre-trained once, as a state dict shared by every point that pre-trains
+    it the same way (pre-training depends only on the seed, the data and the head, not on epsilon)."""
     model, plan = build_model_and_plan(cfg, data)
+    head = split_model(model, plan)[0]
     if cfg.model.head_pretrain_epochs:
-        pretrain_head(split_model(model, plan)[0], data, cfg)
-    return model
+        pretrain_head(head, data, cfg)
+    return copy.deepcopy(head.state_dict())
 
 
-def run_point(cfg: JobConfig, data: DatasetSplits, model: nn.Sequential | None = None) -> dict:
-    """Train one configuration; a given `model` has its head pre-trained already (not repeated)."""
+def run_point(cfg: JobConfig, data: DatasetSplits, head_state: dict | None = None) -> dict:
+    """Train one configuration; with `head_state` its head starts pre-trained (not repeated, but
+    its cost still counted in the compute share)."""
     t0 = time.perf_counter()
     pre = cfg.model.head_pretrain_epochs
-    run_cfg = cfg.replace(model={"head_pretrain_epochs": 0}) if model is not None else cfg
-    job = ChainJob(run_cfg, data, None, model=copy.deepcopy(model) if model is not None else None)
+    model = None
+    if head_state is not None:
+        model, plan = build_model_and_plan(cfg, data)
+        split_model(model, plan)[0].load_state_dict(head_state)
+        cfg = cfg.replace(model={"head_pretrain_epochs": 0})
+    job = ChainJob(cfg, data, None, model=model)
     s = job.run()
     share = next(c.share for c in job.compute(head_pretrain_epochs=pre) if c.party == "data_owner")
     return {
@@ -91,15 +96,15 @@ def run_utility_sweep(
     pre-trained that many epochs: how the data owner's compute share trades against accuracy."""
     out.mkdir(parents=True, exist_ok=True)
     central, _ = train_centralized(undefended(cfg), data)
-    plain = run_point(undefended(cfg), data)
+    head_state = _pretrained_head(cfg, data)
+    plain = run_point(undefended(cfg), data, head_state)
     rows = []
-    head_model = _with_pretrained_head(cfg, data)
     for guarantee in guarantees:
         for eps in epsilons:
             if guarantee != "activation" and not math.isfinite(eps):
                 continue  # without DP there is one guarantee (none); it is in the activation line
             if guarantee == "activation":
-                r = run_point(privacy_variant(cfg, eps), data, head_model)
+                r = run_point(privacy_variant(cfg, eps), data, head_state)
             else:
                 r = run_point(privacy_variant(cfg, eps).replace(privacy={"guarantee": guarantee}), data)
             rows.append(
