@@ -67,7 +67,7 @@ def demo_config(quick: bool = False) -> JobConfig:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
 
 

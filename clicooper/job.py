@@ -31,6 +31,7 @@ from clicooper.checkpoint import (
 )
 from clicooper.config import JobConfig, ResumeError, TrainingSection, resume_changes
 from clicooper.data import DatasetSplits, load_dataset
+from clicooper.data.loaders import DataLimits
 from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_from_cuts, split_model
 from clicooper.parties import DataOwner, Trainer, Verifier
 from clicooper.privacy.defence import DataOwnerDefences
@@ -79,7 +80,9 @@ def make_optimizer(params, cfg: TrainingSection) -> torch.optim.Optimizer:
 
 
 def prepare_data(cfg: JobConfig) -> DatasetSplits:
-    data = load_dataset(cfg.data.dataset, cfg.data.path, seed=cfg.job.seed)
+    d = cfg.data
+    limits = DataLimits(d.max_classes, d.max_input_elements, d.max_samples)
+    data = load_dataset(d.dataset, d.path, seed=cfg.job.seed, limits=limits)
     if cfg.data.train_subset or cfg.data.test_subset:
         data = data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.job.seed)
     return data
