@@ -5,7 +5,6 @@ keyed by the mechanism, a missing secret stops the run) and never trains on a da
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -17,9 +16,10 @@ from clicooper.config import ResumeError, resume_changes
 from clicooper.job import ChainJob
 from clicooper.parties import verify_run
 from clicooper.privacy.defence import LEDGER
-from tests.conftest import tiny_config
+from tests.conftest import copy_run, tiny_config
 
 DP = {"dp": True, "epsilon": 4.0, "release": "one-shot", "gamma": 2, "secret_seed": 3}
+WM = {"enabled": True, "n_bits": 64}
 runner = CliRunner()
 
 
@@ -30,15 +30,13 @@ def _cfg(privacy=None, **sections):
 @pytest.fixture(scope="module")
 def two_rounds(digits, tmp_path_factory):
     d = tmp_path_factory.mktemp("resume") / "run"
-    ChainJob(_cfg(watermark={"enabled": True, "n_bits": 64}), digits, d).run()
+    ChainJob(_cfg(watermark=WM), digits, d).run()
     return d
 
 
 @pytest.fixture
 def run(two_rounds, tmp_path):
-    d = tmp_path / "run"
-    shutil.copytree(two_rounds, d)
-    return d
+    return copy_run(two_rounds, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -55,15 +53,13 @@ def run(two_rounds, tmp_path):
     ],
 )
 def test_finding2_resume_refuses_pinned_changes_naming_the_field(digits, run, section, change, field):
-    cfg = _cfg(watermark={"enabled": True, "n_bits": 64}).replace(**{section: change})
+    cfg = _cfg(watermark=WM).replace(**{section: change})
     with pytest.raises(ResumeError, match=field.replace(".", r"\.")):
         ChainJob(cfg, digits, run)
 
 
 def test_finding2_allowed_changes_are_recorded(run, digits):
-    cfg = _cfg(watermark={"enabled": True, "n_bits": 64}).replace(
-        training={"epochs": 3, "eval_batch_size": 50}
-    )
+    cfg = _cfg(watermark=WM).replace(training={"epochs": 3, "eval_batch_size": 50})
     job = ChainJob(cfg, digits, run)
     job.run(resume=True)
     assert {c["field"] for c in job.config_changes} == {"training.epochs", "training.eval_batch_size"}
@@ -75,7 +71,7 @@ def test_finding2_allowed_changes_are_recorded(run, digits):
 def test_finding2_edited_config_json_is_refused_by_the_cli(run):
     cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else None
     if cfg is None:  # the fixture ran through the API: write what the CLI would have
-        cfg = json.loads(_cfg(watermark={"enabled": True, "n_bits": 64}).model_dump_json())
+        cfg = json.loads(_cfg(watermark=WM).model_dump_json())
     cfg["privacy"]["clip"] = 100.0
     (run / "config.json").write_text(json.dumps(cfg))
     r = runner.invoke(app, ["run", "--resume", str(run)])
@@ -87,7 +83,7 @@ def test_finding2_ledger_refuses_an_uncounted_release(digits, run):
     mechanism: a release with another clip would be uncounted, so it never happens."""
     (run / "data_owner" / "job_config.json").unlink()
     with pytest.raises(ResumeError, match="clip"):
-        ChainJob(_cfg(privacy={"clip": 100.0}, watermark={"enabled": True, "n_bits": 64}), digits, run)
+        ChainJob(_cfg(privacy={"clip": 100.0}, watermark=WM), digits, run)
     ledger = json.loads((run / "data_owner" / LEDGER).read_text())
     assert ledger["releases"] == 1 and ledger["mechanism"]["clip"] == 1.0
 
@@ -96,13 +92,13 @@ def test_finding2_ledger_knows_the_data(digits, run):
     (run / "data_owner" / "job_config.json").unlink()
     fewer = digits.subset(600, None, seed=0)
     with pytest.raises(ResumeError, match="data_sha256"):
-        ChainJob(_cfg(watermark={"enabled": True, "n_bits": 64}), fewer, run)
+        ChainJob(_cfg(watermark=WM), fewer, run)
 
 
 def test_finding2_missing_secret_stops_the_run(digits, run):
     (run / "data_owner" / "secret.json").unlink()
     with pytest.raises(ResumeError, match="secret.json is missing"):
-        ChainJob(_cfg(watermark={"enabled": True, "n_bits": 64}), digits, run)
+        ChainJob(_cfg(watermark=WM), digits, run)
 
 
 def test_resume_changes_lists_allowed_fields():
@@ -144,7 +140,7 @@ def test_checkpoint_records_and_checks_its_sha256(tmp_path):
 def test_finding3_damaged_checkpoint_falls_back_to_intact_round(digits, run, damage):
     damage(round_prefix(run / "trainer_2", 1))
     notes: list[str] = []
-    job = ChainJob(_cfg(watermark={"enabled": True, "n_bits": 64}), digits, run)
+    job = ChainJob(_cfg(watermark=WM), digits, run)
     start = job.resume(on_note=notes.append)
     assert start == 1  # round 2 (index 1) is damaged for trainer 2: resume after round 1
     assert any("damaged" in n and "trainer_2" in n for n in notes), notes

@@ -19,7 +19,7 @@ from clicooper.parties import verify_run
 from clicooper.parties.verifier import LOG_FILE
 from clicooper.provenance import Identity
 from clicooper.provenance.statelog import StateLog, read_log
-from tests.conftest import tiny_config
+from tests.conftest import copy_run, tiny_config
 
 WM = {"enabled": True, "n_bits": 64}
 DP = {"dp": True, "epsilon": 4.0, "release": "one-shot", "gamma": 2, "secret_seed": 3}
@@ -39,9 +39,7 @@ def finished(digits, tmp_path_factory):
 
 @pytest.fixture
 def run(finished, tmp_path):
-    d = tmp_path / "run"
-    shutil.copytree(finished, d)
-    return d
+    return copy_run(finished, tmp_path)
 
 
 def _entries(run):
