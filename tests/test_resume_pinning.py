@@ -18,7 +18,7 @@ from clicooper.parties import verify_run
 from clicooper.privacy.defence import LEDGER
 from tests.conftest import copy_run, tiny_config
 
-DP = {"dp": True, "epsilon": 4.0, "release": "one-shot", "gamma": 2, "secret_seed": 3}
+DP = {"dp": True, "epsilon": 4.0, "release": "one-shot", "gamma": 2, "secret_seed": 3, "accountant": "rdp"}
 WM = {"enabled": True, "n_bits": 64}
 runner = CliRunner()
 
@@ -168,6 +168,7 @@ batch_size = 32
 [privacy]
 dp = true
 epsilon = 4.0
+accountant = "rdp"
 release = "one-shot"
 gamma = 2
 [watermark]

@@ -22,7 +22,7 @@ from clicooper.provenance.statelog import StateLog, read_log
 from tests.conftest import copy_run, tiny_config
 
 WM = {"enabled": True, "n_bits": 64}
-DP = {"dp": True, "epsilon": 4.0, "release": "one-shot", "gamma": 2, "secret_seed": 3}
+DP = {"dp": True, "epsilon": 4.0, "release": "one-shot", "gamma": 2, "secret_seed": 3, "accountant": "rdp"}
 runner = CliRunner()
 
 
@@ -61,7 +61,7 @@ def test_finding0_watermarked_dp_job_resumes_and_verifies(digits, tmp_path):
     ChainJob(_cfg(epochs=1), digits, d).run()
     resumed = ChainJob(_cfg(epochs=2), digits, d)  # more epochs: an allowed change
     summary = resumed.run(resume=True)
-    assert summary.epsilon == pytest.approx(4.0, rel=1e-3)
+    assert summary.epsilon == pytest.approx(4.0, rel=1e-2)
     assert [c["field"] for c in resumed.config_changes] == ["training.epochs"]
     verdict, cert = verify_run(d)
     assert verdict.ok, verdict.summary()
