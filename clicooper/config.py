@@ -309,6 +309,17 @@ def resume_changes(started: JobConfig, now: JobConfig) -> list[dict]:
     a, b = _flatten(started), _flatten(now)
     changes = [{"field": k, "from": a[k], "to": b[k]} for k in sorted(a) if a[k] != b[k]]
     for c in changes:
+        if c["field"] == "training.epochs" and c["to"] < c["from"]:
+            raise ResumeError(
+                f"cannot resume with training.epochs lowered ({c['from']} -> {c['to']}): rounds already "
+                "planned with the verifier and the accountant may only be added to"
+            )
+        p = started.privacy
+        if c["field"] == "training.epochs" and p.dp and p.release == "per-step" and p.epsilon is not None:
+            raise ResumeError(
+                f"cannot resume with training.epochs changed ({c['from']} -> {c['to']}): with per-step DP "
+                "calibrated to privacy.epsilon, the epoch count sets the noise of every release"
+            )
         if c["field"] not in RESUME_MUTABLE:
             why = _PINNED_WHY[c["field"].split(".", 1)[0]]
             raise ResumeError(

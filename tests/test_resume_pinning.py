@@ -106,6 +106,11 @@ def test_resume_changes_lists_allowed_fields():
     assert resume_changes(a, a.replace(training={"epochs": 9})) == [
         {"field": "training.epochs", "from": 2, "to": 9}
     ]
+    with pytest.raises(ResumeError, match="lowered"):
+        resume_changes(a, a.replace(training={"epochs": 1}))
+    per_step = tiny_config(privacy={"dp": True, "epsilon": 4.0, "accountant": "rdp"})
+    with pytest.raises(ResumeError, match="sets the noise"):
+        resume_changes(per_step, per_step.replace(training={"epochs": 3}))
 
 
 # ------------------------------------------------------------------ finding 3: checkpoints
