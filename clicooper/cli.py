@@ -437,10 +437,13 @@ def _eval_data(cfg: JobConfig) -> DatasetSplits:
 def _eval_config(quick: bool, dataset: str | None, path: Path | None, base: dict | None = None) -> JobConfig:
     """The demo job (or `base`) without watermarking, on another dataset if asked, shrunk by --quick."""
     cfg = (parse_config(base) if base is not None else demo_config()).replace(watermark={"enabled": False})
-    if dataset is not None:
-        cfg = cfg.replace(data={"dataset": dataset, "path": str(path) if path else None})
-    if quick:
-        cfg = cfg.replace(data={"train_subset": 2000, "test_subset": 500}, training={"epochs": 2})
+    try:
+        if dataset is not None:
+            cfg = cfg.replace(data={"dataset": dataset, "path": str(path) if path else None})
+        if quick:
+            cfg = cfg.replace(data={"train_subset": 2000, "test_subset": 500}, training={"epochs": 2})
+    except ConfigError as e:
+        _fail(str(e))
     return cfg
 
 

@@ -230,7 +230,10 @@ class JobConfig(_Section):
         data = self.model_dump()
         for section, fields in sections.items():
             data[section] = {**data[section], **fields}
-        return JobConfig.model_validate(data, context={"programmatic": True})
+        try:
+            return JobConfig.model_validate(data, context={"programmatic": True})
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, "the adjusted configuration")) from None
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -365,3 +365,8 @@ def test_property_config_file_any_bytes(tmp_path_factory, data):
     path.write_bytes(data)
     with contextlib.suppress(ConfigError):
         load_config(path)
+
+
+def test_finding4_eval_with_unknown_dataset_is_a_clean_error():
+    r = runner.invoke(app, ["eval", "utility", "--quick", "--dataset", "no-such-data"])
+    assert r.exit_code == EXIT_USAGE and r.output.startswith("error:") and "no-such-data" in r.output
