@@ -76,7 +76,7 @@ def load_state(prefix: Path, *, verify: bool = True) -> tuple[dict[str, torch.Te
             raise CheckpointError(f"{meta_path} is implausibly large")
         meta = json.loads(meta_path.read_bytes())
         raw = tensor_path.read_bytes()
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, huge integers
         raise CheckpointError(f"{meta_path} is damaged: {type(e).__name__}: {e}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get(TENSORS_SHA256), str):
         raise CheckpointError(f"{meta_path} records no SHA-256 of its tensors")

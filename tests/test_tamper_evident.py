@@ -149,6 +149,8 @@ def test_finding1_certificates(run, tmp_path):
         lambda r: (r / "verifier" / LOG_FILE).write_bytes(b"\xff\xfe" * 50),
         lambda r: (r / "verifier" / LOG_FILE).write_text(""),
         lambda r: (r / "verifier" / LOG_FILE).write_text("[" * 100000 + "\n"),
+        lambda r: (r / "verifier" / LOG_FILE).write_text("9" * 5000 + "\n"),
+        lambda r: (r / "trainer_2" / "round_0001.json").write_text('{"a": ' + "9" * 5000 + "}"),
         lambda r: (r / "verifier" / "identity.pem").write_text("garbage"),
         lambda r: (r / "trainer_2" / "round_0001.safetensors").write_bytes(b""),
         lambda r: (r / "trainer_2" / "round_0001.json").write_text("{"),

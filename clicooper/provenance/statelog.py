@@ -114,7 +114,7 @@ def read_log(path: Path, public_key: bytes | None = None) -> list[dict]:
         where = f"verifier log entry {i}"
         try:
             e = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: bad JSON, or an integer of 4,300+ digits
             raise LogError(f"{where} is not valid JSON") from None
         if not isinstance(e, dict) or set(e) != {"seq", "prev", "type", "body", "sig"}:
             raise LogError(f"{where} is malformed")
