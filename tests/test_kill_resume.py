@@ -8,13 +8,13 @@ processes and so only runs with CLICOOPER_SLOW_TESTS=1 (about 20 s on an idle ma
 
 The job: activation DP really on (clip, noise, ledger, epsilon), but weak (sigma = 0.001 at C = 50,
 so epsilon is astronomically large), because on 600 tiny digits any useful epsilon leaves the model
-at chance and an accuracy comparison would then mean nothing; this one reaches about 0.45.
+at chance and an accuracy comparison would then mean nothing; this one reaches about 0.75.
 
 Why a tolerance: a resumed job re-runs its interrupted round under a fresh verifier nonce, so that
 round's watermark (and therefore the weights) differ from the uninterrupted run's; and the DP noise
-is drawn from a source no one can replay. Two *uninterrupted* runs of this job already differ by up
-to about 0.08 in accuracy on its 200 test samples (measured: 0.46 and 0.385), so the tolerance is
-0.15. Epsilon is compared exactly.
+is drawn from a source no one can replay. Five *uninterrupted* runs of this job gave 0.73 to 0.78
+on its 200 test samples (each run has fresh nonces and keys), so the tolerance is 0.1. Epsilon is
+compared exactly.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ n_trainers = 3
 [training]
 epochs = 3
 batch_size = 32
-lr = 0.1
+optimizer = "adam"
+lr = 0.003
 [privacy]
 dp = true
 noise_multiplier = 0.001
@@ -115,7 +116,7 @@ def test_crash_at_5_random_steps_then_resume(tmp_path):
             crashes, resume = crashes + 1, True
     assert crashes == 5
     assert summary.epsilon == ref.epsilon
-    assert summary.test_accuracy == pytest.approx(ref.test_accuracy, abs=0.15)
+    assert summary.test_accuracy == pytest.approx(ref.test_accuracy, abs=0.1)
     verdict, cert = verify_run(run_dir)
     assert verdict.ok, verdict.summary()
     assert cert is not None and cert.chain.n_rounds == cfg.training.epochs
@@ -163,5 +164,5 @@ def test_kill_9_at_5_random_points_then_resume(tmp_path):
         f"epsilon {got['epsilon']} vs {ref.epsilon}"
     )
     assert got["epsilon"] == ref.epsilon
-    assert got["test_accuracy"] == pytest.approx(ref.test_accuracy, abs=0.15)
+    assert got["test_accuracy"] == pytest.approx(ref.test_accuracy, abs=0.1)
     assert verify_run(run_dir)[0].ok
