@@ -61,7 +61,10 @@ class JobSection(_Section):
 
     @model_validator(mode="after")
     def _safe_root(self) -> JobSection:
-        root = self.run_root.expanduser().absolute()
+        try:
+            root = self.run_root.expanduser().absolute()
+        except (RuntimeError, OSError) as e:  # "~nosuchuser/...", or no working directory
+            raise ValueError(f"run_root {str(self.run_root)[:80]!r}: {e}") from None
         for d in SYSTEM_DIRS:
             if root == Path(d) or Path(d) in root.parents:
                 raise ValueError(f"run_root {str(self.run_root)!r} is inside the system folder {d}")

@@ -55,7 +55,7 @@ def _run_cli(tmp_path, text: str | bytes):
     path = tmp_path / "job.toml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     root = tmp_path / "runs"
-    if isinstance(text, str) and "[job]" in text:
+    if isinstance(text, str) and "[job]" in text and "run_root" not in text:
         path.write_text(text.replace("[job]\n", f'[job]\nrun_root = "{root}"\n', 1))
     r = runner.invoke(app, ["run", str(path)])
     return r, root
@@ -79,6 +79,7 @@ BAD_CONFIGS = {
     "noise multiplier 0": _with(privacy={"dp": True, "noise_multiplier": 0.0}),
     "dp yes": _with(privacy={"dp": "yes", "epsilon": 2.0}),
     "run root in /etc": _with(job={"run_root": "/etc/clicooper-runs"}),
+    "run root of unknown user": _with(job={"run_root": "~no-such-user-here/runs"}),
 }
 
 
