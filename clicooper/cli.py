@@ -1,4 +1,9 @@
-"""Command-line interface: `clicooper demo | run | baseline | bench | datasets`."""
+"""Command-line interface: `clicooper demo | run | baseline | bench | datasets | keys | verify | eval`.
+
+Exit codes: 0 success (a VERIFIED chain, a MATCH, a valid certificate); 2 a user error, printed as
+`error: ...` (bad config, data or input file, a run that cannot start or resume); 3 the verifier
+REJECTED the job; 4 an ownership query found no match; 5 a certificate does not verify.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from clicooper.checkpoint import CheckpointError
 from clicooper.config import ConfigError, JobConfig, load_config, parse_config
 from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob, RunSummary, new_run_dir, prepare_data, train_centralized
+from clicooper.parties.base import ProtocolError
+from clicooper.privacy.accounting import BudgetExceeded
+
+EXIT_USAGE, EXIT_REJECTED, EXIT_NO_MATCH, EXIT_BAD_CERTIFICATE = 2, 3, 4, 5
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BENCHMARKS.md).")
@@ -70,8 +80,15 @@ def demo_config(quick: bool = False) -> JobConfig:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _new_run_dir(cfg: JobConfig, suffix: str = "") -> Path:
+    try:
+        return new_run_dir(cfg, suffix)
+    except OSError as e:
+        _fail(f"cannot create a run folder under {cfg.job.run_root}: {e.strerror or e}")
 
 
 def _progress() -> Progress:
@@ -124,32 +141,48 @@ def _epoch_printer(label: str):
 
 
 def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSummary:
-    """Train the configured chain with progress output; the run folder gets config, metrics, summary."""
+    """Train the configured chain with progress output; the run folder gets config, metrics, summary.
+
+    A run that fails to start leaves no run folder behind (a resumed one keeps its folder); a run
+    whose chain the verifier rejects exits with EXIT_REJECTED after printing its summary."""
     try:
         data = prepare_data(cfg)
-    except Exception as e:  # noqa: BLE001 - data errors carry their own how-to message
-        _fail(str(e))
-    if not resume:
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    job = ChainJob(cfg, data, run_dir)
-    with _progress() as prog:
-        task = prog.add_task("training", total=None)
-        summary = job.run(
-            resume=resume,
-            on_epoch=_epoch_printer("chain"),
-            on_step=lambda i, n: prog.update(task, completed=i, total=n),
-        )
-    if cfg.watermark.enabled:
-        _print_verdict(run_dir)
+        job = ChainJob(cfg, data, run_dir)
+    except Exception as e:  # noqa: BLE001 - data, config and resume errors carry their own message
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _fail(str(e) if isinstance(e, (ConfigError, ValueError, OSError)) else f"{type(e).__name__}: {e}")
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    for c in job.config_changes:
+        console.print(f"resume: {c['field']} changed from {c['from']!r} to {c['to']!r} (allowed; recorded)")
+    try:
+        with _progress() as prog:
+            task = prog.add_task("training", total=None)
+            summary = job.run(
+                resume=resume,
+                on_epoch=_epoch_printer("chain"),
+                on_step=lambda i, n: prog.update(task, completed=i, total=n),
+                on_note=lambda text: console.print(f"[yellow]resume:[/] {text}"),
+            )
+    except (ConfigError, CheckpointError, ProtocolError, BudgetExceeded) as e:
+        _fail(f"{e} (run folder kept: {run_dir})")
+    summary.extra["verified"] = _print_verdict(run_dir) if cfg.watermark.enabled else None
     return summary
 
 
-def _print_verdict(run_dir: Path) -> bool:
+def _finish(summary: RunSummary, title: str) -> None:
+    _print_summary(summary, title)
+    if summary.extra.get("verified") is False:
+        console.print("[bold red]the verifier REJECTED this job[/]")
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _print_verdict(run_dir: Path, public_key: bytes | None = None) -> bool:
     """Run the verifier over a finished job and print its verdict; True if verified."""
     from clicooper.parties import verify_run
 
     t0 = time.perf_counter()
-    verdict, cert = verify_run(run_dir)
+    verdict, cert = verify_run(run_dir, public_key=public_key)
     took = time.perf_counter() - t0
     for f in verdict.failures:
         console.print(f"[red]{f}[/]")
@@ -164,6 +197,7 @@ def _print_verdict(run_dir: Path) -> bool:
     console.print(f"false-positive bound per check: {fp}; verification took {took:.2f} s")
     if cert is not None:
         console.print(f"certificate: {run_dir / 'verifier' / 'certificate.json'}")
+    console.print(verdict.summary().splitlines()[0])
     return verdict.ok
 
 
@@ -173,9 +207,12 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder in which the run folder is created.")] = Path("runs"),
 ) -> None:
     """The default job: Fashion-MNIST, small CNN, a data owner and 3 trainers."""
-    cfg = demo_config(quick).replace(job={"run_root": str(out)})
-    run_dir = new_run_dir(cfg)
-    _print_summary(run_chain(cfg, run_dir), "CliCooper demo")
+    try:
+        cfg = demo_config(quick).replace(job={"run_root": str(out)})
+    except ConfigError as e:
+        _fail(str(e))
+    run_dir = _new_run_dir(cfg)
+    _finish(run_chain(cfg, run_dir), "CliCooper demo")
 
 
 @app.command()
@@ -183,23 +220,31 @@ def run(
     config: Annotated[Path | None, typer.Argument(help="TOML job configuration.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
 ) -> None:
-    """Run a job from a TOML configuration, or resume one from its run folder."""
+    """Run a job from a TOML configuration, or resume one from its run folder.
+
+    With both CONFIG and --resume, the run resumes under CONFIG: it may change only what cannot
+    affect the model, the data, the privacy mechanism or the protocol (the number of epochs, say);
+    any other change is refused, naming the field. Without CONFIG, the run's config.json is used."""
     try:
         if resume is not None:
             cfg_file = resume / "config.json"
-            if not cfg_file.exists():
+            if not resume.is_dir() or not cfg_file.is_file():
                 _fail(f"{resume} is not a run folder (no config.json)")
-            cfg = parse_config(json.loads(cfg_file.read_text()), str(cfg_file))
+            try:
+                started = parse_config(json.loads(cfg_file.read_bytes()), str(cfg_file))
+            except (ValueError, OSError, RecursionError) as e:
+                raise ConfigError(f"{cfg_file} is unreadable: {e}") from None
+            cfg = load_config(config) if config is not None else started
             run_dir = resume
         elif config is not None:
             cfg = load_config(config)
-            run_dir = new_run_dir(cfg)
+            run_dir = _new_run_dir(cfg)
             shutil.copy(config, run_dir / "config.toml")
         else:
             _fail("give a CONFIG.toml or --resume RUN_DIR")
     except ConfigError as e:
         _fail(str(e))
-    _print_summary(run_chain(cfg, run_dir, resume=resume is not None), f"CliCooper run: {cfg.job.name}")
+    _finish(run_chain(cfg, run_dir, resume=resume is not None), f"CliCooper run: {cfg.job.name}")
 
 
 @app.command()
@@ -222,15 +267,14 @@ def baseline(
             privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "gamma": 1, "u_shaped": False},
             watermark={"enabled": False},
         )
-        run_dir = new_run_dir(cfg, "-plain")
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-        _print_summary(run_chain(cfg, run_dir), "plain split learning (no defence)")
+        run_dir = _new_run_dir(cfg, "-plain")
+        _finish(run_chain(cfg, run_dir), "plain split learning (no defence)")
         return
-    run_dir = new_run_dir(cfg, "-centralized")
     try:
         data = prepare_data(cfg)
     except Exception as e:  # noqa: BLE001
         _fail(str(e))
+    run_dir = _new_run_dir(cfg, "-centralized")
     summary, _ = train_centralized(cfg, data, run_dir, on_epoch=_epoch_printer("centralized"))
     _print_summary(summary, "centralized training (reference)")
 
@@ -252,30 +296,107 @@ def keys(
     out: Annotated[Path, typer.Option(help="Folder for the key files.")] = Path("keys"),
 ) -> None:
     """Create an Ed25519 identity (PEM, mode 0600) and a watermark key for a party."""
+    import re
+
     from clicooper.checkpoint import atomic_write_bytes
     from clicooper.provenance import Identity, new_watermark_key
 
-    pem = out / f"{name}.pem"
-    if pem.exists():
-        _fail(f"{pem} exists; refusing to overwrite a key")
-    ident = Identity.generate(name)
-    ident.save(pem)
-    atomic_write_bytes(out / f"{name}.wmkey", new_watermark_key().hex().encode(), mode=0o600)
-    atomic_write_bytes(out / f"{name}.pub.json", ident.public().model_dump_json().encode())
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
+        _fail(f"party name {name!r} must be 1-64 letters, digits, '_', '-' or '.', and no path")
+    files = [out / f"{name}{ext}" for ext in (".pem", ".wmkey", ".pub.json")]
+    existing = [str(f) for f in files if f.exists() or f.is_symlink()]
+    if existing:
+        _fail(f"{', '.join(existing)} exist(s); refusing to overwrite a key")
+    try:
+        ident = Identity.generate(name)
+        ident.save(files[0])
+        atomic_write_bytes(files[1], new_watermark_key().hex().encode(), mode=0o600)
+        atomic_write_bytes(files[2], ident.public().model_dump_json().encode())
+    except OSError as e:
+        _fail(f"cannot write keys to {out}: {e.strerror or e}")
     console.print(
-        f"{name}: fingerprint {ident.fingerprint()}\n  private key {pem}\n  watermark key "
-        f"{out / (name + '.wmkey')}\n  public identity {out / (name + '.pub.json')}"
+        f"{name}: fingerprint {ident.fingerprint()}\n  private key {files[0]}\n  watermark key "
+        f"{files[1]}\n  public identity {files[2]}"
     )
 
 
-@verify_app.command("job")
-def verify_job(run_dir: Annotated[Path, typer.Argument(help="A finished job's run folder.")]) -> None:
-    """Verify every stage of a job (signatures, links, nonces, weights, transcripts, watermarks)."""
+def _public_key_file(path: Path) -> bytes:
+    """A verifier public key from a file: `keys`' NAME.pub.json, a PEM private key, or raw hex."""
+    from clicooper.provenance import Identity, PublicIdentity
+
     try:
-        ok = _print_verdict(run_dir)
-    except FileNotFoundError as e:
+        text = path.read_bytes()[:1_000_000]
+        if text.lstrip().startswith(b"{"):
+            return PublicIdentity.model_validate_json(text).public_key
+        if b"PRIVATE KEY" in text:
+            return Identity.load(path).public_key_bytes()
+        key = bytes.fromhex(text.decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        _fail(f"{path} does not hold a verifier public key: {e}")
+    if len(key) != 32:
+        _fail(f"{path} does not hold a 32-byte Ed25519 public key")
+    return key
+
+
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option("--verifier-key", help="The verifier's public key (NAME.pub.json, PEM or hex) to pin."),
+]
+
+
+@verify_app.command("job")
+def verify_job(
+    run_dir: Annotated[Path, typer.Argument(help="A finished job's run folder.")],
+    verifier_key: KeyOpt = None,
+) -> None:
+    """Verify every stage of a job (signed log, signatures, links, nonces, weights, transcripts,
+    watermarks). Exit 0 VERIFIED, 3 REJECTED, 2 error."""
+    key = _public_key_file(verifier_key) if verifier_key is not None else None
+    if not (run_dir / "verifier").is_dir():
+        _fail(f"{run_dir} has no verifier folder: not a run folder, or watermarking was off")
+    try:
+        ok = _print_verdict(run_dir, key)
+    except (FileNotFoundError, OSError, ValueError) as e:
         _fail(str(e))
-    raise typer.Exit(0 if ok else 1)
+    raise typer.Exit(0 if ok else EXIT_REJECTED)
+
+
+@verify_app.command("certificate")
+def verify_certificate_cmd(
+    cert_file: Annotated[Path, typer.Argument(help="A certificate.json written by `verify job`.")],
+    verifier_key: KeyOpt = None,
+    run: Annotated[
+        Path | None, typer.Option(help="Take the verifier's public key from this run folder.")
+    ] = None,
+) -> None:
+    """Check a certificate offline against the verifier's public key. Exit 0 valid, 5 invalid, 2 error."""
+    from clicooper.provenance import Identity, load_certificate, verify_certificate
+
+    if (verifier_key is None) == (run is None):
+        _fail("give exactly one of --verifier-key FILE or --run RUN_DIR")
+    key = _public_key_file(verifier_key) if verifier_key is not None else None
+    if run is not None:
+        try:
+            key = Identity.load(run / "verifier" / "identity.pem").public_key_bytes()
+        except (OSError, ValueError) as e:
+            _fail(f"no verifier key in {run}: {e}")
+    try:
+        if cert_file.stat().st_size > 64 * 1024 * 1024:
+            _fail(f"{cert_file} is too large to be a certificate")
+        cert = load_certificate(cert_file)
+    except (OSError, ValueError, RecursionError) as e:
+        _fail(f"{cert_file} is not a certificate: {str(e).splitlines()[0]}")
+    if not verify_certificate(cert, key):
+        console.print(f"[bold red]INVALID[/]: {cert_file} is not signed by verifier {cert.verifier[:16]}...")
+        raise typer.Exit(EXIT_BAD_CERTIFICATE)
+    console.print(
+        f"[green]VALID[/]: job {cert.job_id}, issued {cert.issued_at} by verifier {cert.verifier[:16]}...; "
+        f"{cert.chain.n_positions} positions x {cert.chain.n_rounds} rounds, {cert.chain.n_records} records"
+    )
+    for r in cert.receipts:
+        console.print(
+            f"  {r.name} (position {r.position}): {r.rounds} rounds, {r.steps} steps, {r.samples} samples"
+        )
 
 
 @verify_app.command("ownership")
@@ -283,21 +404,32 @@ def verify_ownership(
     model_file: Annotated[Path, typer.Argument(help="Suspect segment (safetensors).")],
     run: Annotated[Path, typer.Option(help="Run folder whose registered trainers are checked.")],
 ) -> None:
-    """Extract the marks of every registered trainer from a suspect segment; report matches and p-values."""
-    from safetensors.torch import load_file
+    """Extract the marks of every registered trainer from a suspect segment; report matches and
+    p-values. Exit 0 a match, 4 no match, 2 error."""
+    from safetensors.torch import load as load_safetensors
 
-    from clicooper.parties.verifier import load_evidence
+    from clicooper.parties.verifier import EvidenceError, load_evidence
     from clicooper.provenance import final_claims, ownership_query
 
     try:
         ev = load_evidence(run / "verifier")
-        tensors = load_file(str(model_file))
-    except (FileNotFoundError, OSError) as e:
-        _fail(str(e))
+    except EvidenceError as e:
+        _fail(f"the evidence in {run} does not verify: {e}")
+    try:
+        if model_file.stat().st_size > 2 * 1024**3:
+            _fail(f"{model_file} is larger than 2 GiB")
+        tensors = load_safetensors(model_file.read_bytes())
+    except OSError as e:
+        _fail(f"cannot read {model_file}: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own (Rust) error types
+        _fail(f"{model_file} is not a safetensors file: {e}")
     if any(k.startswith("model.") for k in tensors):
         tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    claims = final_claims(ev.records, ev.registry, ev.nonces, ev.spec)
-    matches = ownership_query(tensors, ev.registry, claims, ev.spec)
+    try:
+        claims = final_claims(ev.records, ev.registry, ev.nonces, ev.spec)
+        matches = ownership_query(tensors, ev.registry, claims, ev.spec)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        _fail(f"cannot check {model_file} against {run}: {e}")
     t = Table("trainer", "position", "bit errors", "p-value", "verdict", title=f"ownership of {model_file}")
     for m in matches:
         v = m.verdict
@@ -305,7 +437,7 @@ def verify_ownership(
         errors = f"{v.bit_errors}/{v.n_bits}" if v else "-"
         t.add_row(m.name, str(m.position), errors, f"{v.p_value:.2e}" if v else "-", verdict)
     console.print(t)
-    raise typer.Exit(0 if any(m.matched for m in matches) else 1)
+    raise typer.Exit(0 if any(m.matched for m in matches) else EXIT_NO_MATCH)
 
 
 QuickOpt = Annotated[bool, typer.Option("--quick", help="Small subset and grid (for tests).")]
@@ -323,10 +455,13 @@ def _eval_data(cfg: JobConfig) -> DatasetSplits:
 def _eval_config(quick: bool, dataset: str | None, path: Path | None, base: dict | None = None) -> JobConfig:
     """The demo job (or `base`) without watermarking, on another dataset if asked, shrunk by --quick."""
     cfg = (parse_config(base) if base is not None else demo_config()).replace(watermark={"enabled": False})
-    if dataset is not None:
-        cfg = cfg.replace(data={"dataset": dataset, "path": str(path) if path else None})
-    if quick:
-        cfg = cfg.replace(data={"train_subset": 2000, "test_subset": 500}, training={"epochs": 2})
+    try:
+        if dataset is not None:
+            cfg = cfg.replace(data={"dataset": dataset, "path": str(path) if path else None})
+        if quick:
+            cfg = cfg.replace(data={"train_subset": 2000, "test_subset": 500}, training={"epochs": 2})
+    except ConfigError as e:
+        _fail(str(e))
     return cfg
 
 

@@ -1,16 +1,49 @@
 """Typed job configuration, loaded from TOML and validated by pydantic.
 
 Unknown keys are errors (a typo must not silently fall back to a default), and
-every error names the offending field.
+every error names the offending field. Everything is checked at parse time: strict
+booleans and integers, finite numbers, a known dataset and model, cut points and head
+size that fit the model, a reachable watermark false-positive bound, a budget that the
+target epsilon fits in, and a run root outside the system's folders. `parse_config` and
+`load_config` raise only `ConfigError`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+MAX_CONFIG_BYTES = 1024 * 1024
+# A run folder holds keys and checkpoints: never inside the operating system's own folders.
+SYSTEM_DIRS = (
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/boot",
+    "/dev",
+    "/proc",
+    "/sys",
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/var/lib",
+)
+TABULAR_DATASETS = frozenset({"breast-cancer", "csv"})
+Bool = StrictBool
 
 
 class ConfigError(ValueError):
@@ -18,31 +51,69 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class JobSection(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
-    seed: int = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, lt=2**63)
     run_root: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _safe_root(self) -> JobSection:
+        try:
+            root = self.run_root.expanduser().absolute()
+        except (RuntimeError, OSError) as e:  # "~nosuchuser/...", or no working directory
+            raise ValueError(f"run_root {str(self.run_root)[:80]!r}: {e}") from None
+        for d in SYSTEM_DIRS:
+            if root == Path(d) or Path(d) in root.parents:
+                raise ValueError(f"run_root {str(self.run_root)!r} is inside the system folder {d}")
+        return self
 
 
 class DataSection(_Section):
     dataset: str = "fashion-mnist"
     path: Path | None = None
-    train_subset: int | None = Field(None, gt=0)
-    test_subset: int | None = Field(None, gt=0)
+    train_subset: StrictInt | None = Field(None, gt=0, le=10**9)
+    test_subset: StrictInt | None = Field(None, gt=0, le=10**9)
+    max_classes: StrictInt = Field(1000, ge=2, le=100_000)
+    max_input_elements: StrictInt = Field(3 * 512 * 512, ge=1, le=2**28)
+    max_samples: StrictInt = Field(10_000_000, ge=1, le=2**31)
+
+    @model_validator(mode="after")
+    def _known(self) -> DataSection:
+        from clicooper.data.registry import available_datasets
+
+        names = [d.name for d in available_datasets()]
+        if self.dataset.strip().lower().replace("_", "-") not in names:
+            raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(names)}")
+        return self
+
+
+@functools.cache
+def model_blocks(arch: str) -> int | None:
+    """How many blocks a zoo model has (None: not a zoo model). Cheap: the models are small."""
+    from clicooper.models.zoo import MODELS, build_model
+
+    if arch not in MODELS:
+        return None
+    for shape in ((1, 28, 28), (3, 32, 32), (8,)):
+        try:
+            return len(list(build_model(arch, shape, 10).children()))
+        except Exception:  # noqa: BLE001, S112 - try the next kind of input
+            continue
+    return None
 
 
 class ModelSection(_Section):
     arch: str = "small-cnn"
-    n_trainers: int = Field(3, ge=1, le=32)
-    cut_points: list[int] | None = None
-    capacities: list[float] | None = None
+    n_trainers: StrictInt = Field(3, ge=1, le=32)
+    cut_points: list[StrictInt] | None = Field(None, max_length=64)
+    capacities: list[float] | None = Field(None, max_length=64)
     balance_by: Literal["flops", "params"] = "flops"
-    head_blocks: int = Field(1, ge=1)
-    head_pretrain_epochs: int = Field(0, ge=0)
-    freeze_head: bool = False
+    head_blocks: StrictInt = Field(1, ge=1, le=1024)
+    head_pretrain_epochs: StrictInt = Field(0, ge=0, le=10_000)
+    freeze_head: Bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSection:
@@ -52,50 +123,70 @@ class ModelSection(_Section):
             )
         if self.capacities is not None and any(c <= 0 for c in self.capacities):
             raise ValueError("capacities must be positive")
+        if self.cut_points is not None:
+            cuts = self.cut_points
+            if not cuts or cuts[0] < 1 or cuts != sorted(set(cuts)):
+                raise ValueError(f"cut_points must be strictly increasing block indices >= 1, got {cuts}")
         return self
 
 
 class TrainingSection(_Section):
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(1000, ge=1)
+    epochs: StrictInt = Field(3, ge=1, le=100_000)
+    batch_size: StrictInt = Field(64, ge=1, le=2**20)
+    eval_batch_size: StrictInt = Field(1000, ge=1, le=2**20)
     sampling: Literal["shuffle", "poisson"] = "shuffle"
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.05, gt=0, le=1e3)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1e3)
 
 
 class PrivacySection(_Section):
     """Data-owner defences. All off: the plain (undefended) chain."""
 
-    dp: bool = False
+    dp: Bool = False
     epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
-    noise_multiplier: float | None = Field(None, ge=0)
+    noise_multiplier: float | None = Field(None, gt=0)
     clip: float = Field(1.0, gt=0)
     release: Literal["per-step", "one-shot"] = "per-step"
     accountant: Literal["pld", "rdp"] = "pld"
     budget_epsilon: float | None = Field(None, gt=0)
-    noise_at_inference: bool = False
-    secret_seed: int | None = None
-    gamma: int = Field(1, ge=1, le=64)
+    noise_at_inference: Bool = False
+    secret_seed: StrictInt | None = None
+    gamma: StrictInt = Field(1, ge=1, le=64)
     label_policy: Literal["fixed", "per-epoch"] = "fixed"
-    u_shaped: bool = False
+    u_shaped: Bool = False
 
     @model_validator(mode="after")
     def _dp_params(self) -> PrivacySection:
         if self.dp and (self.epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("with dp = true give exactly one of epsilon (to calibrate) or noise_multiplier")
+        budget, eps = self.budget_epsilon, self.epsilon
+        if self.dp and eps is not None and budget is not None and budget < eps:
+            raise ValueError(
+                f"budget_epsilon {budget} is below the target epsilon {eps}: the configured run would "
+                "exceed its own budget"
+            )
         return self
 
 
 class WatermarkSection(_Section):
-    enabled: bool = False
-    n_bits: int = Field(128, ge=16, le=4096)
-    strength: float = Field(0.05, ge=0)
+    enabled: Bool = False
+    n_bits: StrictInt = Field(128, ge=16, le=4096)
+    strength: float = Field(0.05, ge=0, le=1e6)
     fp_bound: float = Field(1e-6, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> WatermarkSection:
+        # Even a perfect extraction (0 bit errors) has chance probability 2^-n_bits.
+        if self.n_bits * math.log10(2) < -math.log10(self.fp_bound):
+            raise ValueError(
+                f"fp_bound {self.fp_bound:g} is unreachable with {self.n_bits} bits (the best possible "
+                f"p-value is 2^-{self.n_bits}); raise n_bits or fp_bound"
+            )
+        return self
 
 
 class JobConfig(_Section):
@@ -106,36 +197,141 @@ class JobConfig(_Section):
     privacy: PrivacySection = PrivacySection()
     watermark: WatermarkSection = WatermarkSection()
 
+    @model_validator(mode="after")
+    def _model_fits(self, info: ValidationInfo) -> JobConfig:
+        if info.context and info.context.get("programmatic"):
+            return self  # `replace` in code re-cuts models itself; files are always checked in full
+        m, u = self.model, self.privacy.u_shaped
+        need = m.n_trainers + int(u)  # cut points: one per trainer segment, plus the U-shaped tail
+        if m.cut_points is not None and len(m.cut_points) != need:
+            raise ValueError(
+                f"model.cut_points {m.cut_points} give {len(m.cut_points) - int(u)} trainer segment(s) "
+                f"but model.n_trainers is {m.n_trainers}"
+                + (" (U-shaped: one more cut for the tail)" if u else "")
+            )
+        n_blocks = model_blocks(m.arch)
+        if n_blocks is None:
+            from clicooper.models.zoo import MODELS
+
+            raise ValueError(f"model.arch: unknown model {m.arch!r}; available: {', '.join(sorted(MODELS))}")
+        if m.cut_points is not None and m.cut_points[-1] > n_blocks - 1:
+            raise ValueError(
+                f"model.cut_points {m.cut_points} must lie in 1..{n_blocks - 1} "
+                f"for {m.arch} ({n_blocks} blocks)"
+            )
+        if m.cut_points is None and m.head_blocks + m.n_trainers + int(u) > n_blocks:
+            raise ValueError(
+                f"model.head_blocks = {m.head_blocks} leaves too few of {m.arch}'s {n_blocks} blocks for "
+                f"{m.n_trainers} trainer(s)" + (" and the U-shaped tail" if u else "")
+            )
+        dataset = self.data.dataset.strip().lower().replace("_", "-")
+        if dataset in TABULAR_DATASETS and m.arch != "mlp":
+            raise ValueError(f"model.arch = {m.arch!r} is an image model; {dataset} is tabular (use mlp)")
+        return self
+
     def replace(self, **sections: dict) -> JobConfig:
         """A copy with some fields of some sections replaced, re-validated."""
         data = self.model_dump()
         for section, fields in sections.items():
             data[section] = {**data[section], **fields}
-        return JobConfig.model_validate(data)
+        try:
+            return JobConfig.model_validate(data, context={"programmatic": True})
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, "the adjusted configuration")) from None
 
 
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
+        lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
-def parse_config(data: dict, source: str = "<config>") -> JobConfig:
+def parse_config(data: object, source: str = "<config>", *, allow_empty: bool = False) -> JobConfig:
+    """Validate a configuration mapping; raises ConfigError (and nothing else) naming the field.
+
+    An empty configuration is refused unless `allow_empty`: an empty or truncated file must not
+    silently start the full default job."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: expected a table of sections")
+    if not data and not allow_empty:
+        raise ConfigError(
+            f'{source} is empty; give at least one section (e.g. [job] name = "..."), or use `clicooper demo`'
+        )
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+    except (ValueError, TypeError, RecursionError, OverflowError) as e:
+        raise ConfigError(f"invalid configuration in {source}: {e}") from None
 
 
 def load_config(path: str | Path) -> JobConfig:
-    """Load and validate a TOML job configuration."""
+    """Load and validate a TOML job configuration; raises ConfigError (and nothing else)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a TOML config file")
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; not a job config")
+        data = tomllib.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8); expected a TOML config") from None
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     return parse_config(data, str(path))
+
+
+class ResumeError(ConfigError):
+    """A run cannot be resumed as asked (a pinned field changed, a secret is missing, ...)."""
+
+
+# What a resumed run may change: nothing that affects the model, the data, the privacy mechanism
+# or the protocol. Everything else is pinned to the configuration the run started with.
+RESUME_MUTABLE = frozenset({"job.name", "job.run_root", "training.epochs", "training.eval_batch_size"})
+_PINNED_WHY = {
+    "job": "the data order and seeds",
+    "data": "the data",
+    "model": "the model",
+    "training": "the training protocol",
+    "privacy": "the privacy mechanism",
+    "watermark": "the provenance protocol",
+}
+
+
+def _flatten(cfg: JobConfig) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, fields in cfg.model_dump(mode="json").items() for k, v in fields.items()}
+
+
+def resume_changes(started: JobConfig, now: JobConfig) -> list[dict]:
+    """The fields a resumed run changes, as {field, from, to}; raises ResumeError (naming the field)
+    if any of them is pinned."""
+    a, b = _flatten(started), _flatten(now)
+    changes = [{"field": k, "from": a[k], "to": b[k]} for k in sorted(a) if a[k] != b[k]]
+    for c in changes:
+        if c["field"] == "training.epochs" and c["to"] < c["from"]:
+            raise ResumeError(
+                f"cannot resume with training.epochs lowered ({c['from']} -> {c['to']}): rounds already "
+                "planned with the verifier and the accountant may only be added to"
+            )
+        p = started.privacy
+        if c["field"] == "training.epochs" and p.dp and p.release == "per-step" and p.epsilon is not None:
+            raise ResumeError(
+                f"cannot resume with training.epochs changed ({c['from']} -> {c['to']}): with per-step DP "
+                "calibrated to privacy.epsilon, the epoch count sets the noise of every release"
+            )
+        if c["field"] not in RESUME_MUTABLE:
+            why = _PINNED_WHY[c["field"].split(".", 1)[0]]
+            raise ResumeError(
+                f"cannot resume with {c['field']} changed ({c['from']!r} -> {c['to']!r}): it changes "
+                f"{why} of a run already under way; start a new run instead (resumable changes: "
+                f"{', '.join(sorted(RESUME_MUTABLE))})"
+            )
+    return changes

@@ -22,14 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clicooper.checkpoint import atomic_write_bytes, atomic_write_json, latest_round, round_prefix
-from clicooper.config import JobConfig, TrainingSection
+from clicooper.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    round_prefix,
+    saved_rounds,
+)
+from clicooper.config import JobConfig, ResumeError, TrainingSection, resume_changes
 from clicooper.data import DatasetSplits, load_dataset
+from clicooper.data.loaders import DataLimits
 from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_from_cuts, split_model
 from clicooper.models.cost import PartyCompute, SegmentWork, party_compute
 from clicooper.models.split import block_costs
 from clicooper.parties import DataOwner, Trainer, Verifier
-from clicooper.parties.verifier import STATE_FILE
 from clicooper.privacy.defence import DataOwnerDefences
 from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
 from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
@@ -40,6 +46,9 @@ from clicooper.transport import InProcTransport, Transport
 
 EpochCallback = Callable[[dict], None]
 StepCallback = Callable[[int, int], None]
+NoteCallback = Callable[[str], None]
+PINNED_CONFIG = "job_config.json"  # in the data owner's folder: the configuration the run started with
+RESUME_LOG = "resume_log.jsonl"
 
 
 @dataclass
@@ -75,7 +84,9 @@ def make_optimizer(params, cfg: TrainingSection) -> torch.optim.Optimizer:
 
 
 def prepare_data(cfg: JobConfig) -> DatasetSplits:
-    data = load_dataset(cfg.data.dataset, cfg.data.path, seed=cfg.job.seed)
+    d = cfg.data
+    limits = DataLimits(d.max_classes, d.max_input_elements, d.max_samples)
+    data = load_dataset(d.dataset, d.path, seed=cfg.job.seed, limits=limits)
     if cfg.data.train_subset or cfg.data.test_subset:
         data = data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.job.seed)
     return data
@@ -167,6 +178,16 @@ def build_defence(cfg: JobConfig, data: DatasetSplits, run_dir: Path | None) -> 
     if not p.dp and p.gamma == 1:
         return None
     secret_path = run_dir / "data_owner" / "secret.json" if run_dir else None
+    if (
+        secret_path is not None
+        and not secret_path.exists()
+        and p.gamma > 1
+        and saved_rounds(secret_path.parent)
+    ):
+        raise ResumeError(
+            f"{secret_path} is missing: this run's secret label codebook cannot be recovered, and a new "
+            "one would relabel data the trainers already learned. Restore the file or start a new run."
+        )
     if secret_path is not None and secret_path.exists():
         secret = load_secret(secret_path, None)
     elif p.secret_seed is not None:  # reproducible experiments only: the seed must then stay private
@@ -184,7 +205,17 @@ def build_defence(cfg: JobConfig, data: DatasetSplits, run_dir: Path | None) -> 
         poisson=cfg.training.sampling == "poisson",
         secret=secret,
         ledger_dir=run_dir / "data_owner" if run_dir else None,
+        data_digest=data_digest(data),
     )
+
+
+def data_digest(data: DatasetSplits) -> str:
+    """SHA-256 of the training inputs and labels: which samples a DP release is about."""
+    h = hashlib.sha256()
+    for t in (data.train_x, data.train_y):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
+    return h.hexdigest()
 
 
 FROM_CONFIG = object()  # sentinel: build the data owner's defences from the job's [privacy] section
@@ -205,6 +236,8 @@ class ChainJob:
         model: nn.Sequential | None = None,
     ) -> None:
         self.cfg, self.data, self.run_dir = cfg, data, run_dir
+        self.config_changes = self._pin_config()
+        self.notes: list[str] = []
         self.transport = transport or InProcTransport()
         self.job_id = job_id or (run_dir.name if run_dir else f"{cfg.job.name}-inproc")
         self.model, self.plan = build_model_and_plan(cfg, data, model)
@@ -235,6 +268,7 @@ class ChainJob:
                 spec=self.spec,
                 identity=self._identity("verifier"),
                 state_dir=run_dir / "verifier" if run_dir else None,
+                rounds=cfg.training.epochs,
             )
             if wm
             else None
@@ -281,6 +315,23 @@ class ChainJob:
         )
         for t in self.trainers:
             t.register_with_verifier()
+
+    def _pin_config(self) -> list[dict]:
+        """Record the configuration a run starts with; a later job on the same folder (a resume) may
+        change only what `resume_changes` allows, else ResumeError names the field."""
+        if self.run_dir is None:
+            return []
+        path = self.run_dir / "data_owner" / PINNED_CONFIG
+        if not path.exists():
+            atomic_write_bytes(path, self.cfg.model_dump_json(indent=2).encode(), mode=0o600)
+            return []
+        try:
+            started = JobConfig.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ResumeError(
+                f"{path} (the configuration this run started with) is unreadable: {e}"
+            ) from None
+        return resume_changes(started, self.cfg)
 
     def _identity(self, name: str) -> Identity:
         """A party's Ed25519 identity, kept in its own folder so a resumed job keeps it."""
@@ -351,21 +402,42 @@ class ChainJob:
     def parties(self) -> list:
         return [self.data_owner, *self.trainers]
 
-    def resume(self) -> int:
-        """Load every party's newest checkpoint of a round all of them completed; return the next round."""
+    def resume(self, on_note: NoteCallback | None = None) -> int:
+        """Load every party's newest intact checkpoint of a round all of them completed; return the
+        next round. A damaged checkpoint (SHA-256 mismatch, truncated, garbage) is never trained on:
+        the newest round before it that loads for every party is used instead, and a note says so."""
         if self.run_dir is None:
             raise ValueError("resume needs a run folder")
+
+        def note(text: str) -> None:
+            self.notes.append(text)
+            if on_note is not None:
+                on_note(text)
+
         dirs = [self.run_dir / p.name for p in self.parties]
-        rounds = [latest_round(d) for d in dirs]
-        if any(r is None for r in rounds):
-            return 0
-        rnd = min(rounds)  # type: ignore[type-var]
-        for p, d in zip(self.parties, dirs, strict=True):
-            p.load(round_prefix(d, rnd))
+        common = set.intersection(*(set(saved_rounds(d)) for d in dirs))
+        start = 0
+        for rnd in sorted(common, reverse=True):
+            try:
+                for p, d in zip(self.parties, dirs, strict=True):
+                    where = p.name
+                    p.load(round_prefix(d, rnd))
+            except (CheckpointError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                note(f"checkpoint of round {rnd + 1} is damaged ({where}: {e}); trying the round before")
+                continue
+            start = rnd + 1
+            if rnd != max(common):
+                note(f"resuming from round {rnd + 1}, the newest round intact for every party")
+            break
+        else:
+            if common:
+                raise ResumeError(f"no intact checkpoint in {self.run_dir}: every saved round is damaged")
         if self.verifier is not None:
-            self.verifier.load_state_dict(json.loads((self.run_dir / "verifier" / STATE_FILE).read_text()))
-            self.verifier.truncate(rnd + 1)
-        return rnd + 1
+            self.verifier.truncate(start)
+        with (self.run_dir / RESUME_LOG).open("a") as f:
+            entry = {"time": datetime.now().isoformat(timespec="seconds"), "from_round": start}
+            f.write(json.dumps({**entry, "changes": self.config_changes, "notes": self.notes}) + "\n")
+        return start
 
     def run(
         self,
@@ -373,8 +445,9 @@ class ChainJob:
         resume: bool = False,
         on_epoch: EpochCallback | None = None,
         on_step: StepCallback | None = None,
+        on_note: NoteCallback | None = None,
     ) -> RunSummary:
-        start_round = self.resume() if resume else 0
+        start_round = self.resume(on_note) if resume else 0
         metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
         epoch_times: list[float] = []
         t0 = time.perf_counter()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -36,3 +39,10 @@ def tiny_config(**sections: dict) -> JobConfig:
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
     return parse_config(base)
+
+
+def copy_run(src: Path, tmp_path: Path) -> Path:
+    """A private copy of a finished run folder, for a test that damages it."""
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    return d

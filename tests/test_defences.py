@@ -65,7 +65,8 @@ def test_resume_keeps_epsilon_and_the_ledger_counts_a_crashed_round(digits, tmp_
 
 
 def test_budget_stop_in_a_job(digits, tmp_path):
-    cfg = _defended(budget_epsilon=3.0).replace(training={"epochs": 3})
+    # A target epsilon above the budget is refused at parse time; a fixed noise multiplier is not.
+    cfg = _defended(epsilon=None, noise_multiplier=3.06, budget_epsilon=3.0).replace(training={"epochs": 3})
     job = ChainJob(cfg, digits, tmp_path)
     with pytest.raises(BudgetExceeded):
         job.run()

@@ -138,5 +138,5 @@ def test_config_errors_name_the_field(tmp_path):
 def test_inconsistent_cut_points_in_config(digits):
     with pytest.raises(ValueError, match="n_trainers"):
         ChainJob(tiny_config(model={"cut_points": [1, 2], "n_trainers": 3}), digits, None)
-    with pytest.raises(ValueError, match="cut points"):
+    with pytest.raises(ValueError, match="cut.points"):
         ChainJob(tiny_config(model={"cut_points": [1, 1, 2]}), digits, None)

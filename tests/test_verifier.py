@@ -3,7 +3,6 @@ naming the stage and the reason."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -11,8 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from clicooper.job import ChainJob
 from clicooper.parties import verify_run
+from clicooper.parties.verifier import LOG_FILE
 from clicooper.provenance import Identity, SignedRecord, sign_record, verify_certificate
 from clicooper.provenance.certificate import load_certificate
+from clicooper.provenance.statelog import StateLog, read_log
 from tests.conftest import tiny_config
 
 WM = {"enabled": True, "n_bits": 64}
@@ -38,11 +39,23 @@ def run(jobs, tmp_path):
 
 
 def _state(run):
-    return json.loads((run / "verifier" / "state.json").read_text())
+    """The records of a run's verifier log (a list of signed-record JSON strings) and the log itself."""
+    entries = read_log(run / "verifier" / LOG_FILE)
+    return {"entries": entries, "records": [e["body"]["record"] for e in entries if e["type"] == "record"]}
 
 
 def _write_state(run, st):
-    (run / "verifier" / "state.json").write_text(json.dumps(st))
+    """Rewrite the log with these records, re-signed with the verifier's own key: what a verifier
+    fooled into accepting the records would hold, so the chain checks (not the log's) must reject."""
+    entries = st["entries"]
+    atts = [a for e in entries if e["type"] == "record" for a in e["body"]["attestations"]]
+    log = StateLog(Identity.load(run / "verifier" / "identity.pem"))
+    for e in entries:
+        if e["type"] != "record":
+            log.append(e["type"], e["body"])
+    for i, rec in enumerate(st["records"]):
+        log.append("record", {"record": rec, "attestations": atts if i == 0 else []})
+    log.save(run / "verifier" / LOG_FILE)
 
 
 def _failures(run) -> str:
@@ -89,7 +102,7 @@ def test_swapped_stages_are_rejected(run):
 
 
 def test_record_from_another_job_is_rejected(run, jobs):
-    st, other = _state(run), json.loads((jobs[1] / "verifier" / "state.json").read_text())
+    st, other = _state(run), _state(jobs[1])
     i, _ = _record(st, 1, 0)
     j, _ = _record(other, 1, 0)
     st["records"][i] = other["records"][j]

@@ -6,6 +6,11 @@ Conventions, so every model and attack sees data the same way:
 - labels are int64 in ``0..num_classes-1``;
 - a source without an official test set is split with a seeded stratified split.
 
+Bounds: the class count, the input size per sample and the sample count are checked against
+:class:`DataLimits` (configurable through ``[data]``) before a model is sized from them, and an
+IDX header's declared shape is checked before anything is allocated, so a file cannot make the
+model ask for gigabytes. An empty train or test split is an error.
+
 Security: CIFAR batches are pickles. They are only ever read through :class:`RestrictedUnpickler`,
 which can build plain containers and numpy arrays and nothing else, so a planted file cannot
 run code. ``.npz`` files are read with ``allow_pickle=False``.
@@ -13,9 +18,11 @@ run code. ``.npz`` files are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import gzip
 import io
+import math
 import os
 import pickle
 import warnings
@@ -29,6 +36,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 __all__ = [
+    "DataLimits",
     "DatasetSplits",
     "DatasetUnavailable",
     "RestrictedUnpickler",
@@ -53,6 +61,45 @@ __all__ = [
 
 class DatasetUnavailable(RuntimeError):
     """A built-in dataset is not on this machine; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Upper bounds on what a data source may declare (see the module docstring)."""
+
+    max_classes: int = 1000
+    max_input_elements: int = 3 * 512 * 512
+    max_samples: int = 10_000_000
+    max_file_bytes: int = 8 * 1024**3
+
+
+_DEFAULT_LIMITS = DataLimits()
+_LIMITS: contextvars.ContextVar[DataLimits | None] = contextvars.ContextVar("data_limits", default=None)
+
+
+def _limits() -> DataLimits:
+    return _LIMITS.get() or _DEFAULT_LIMITS
+
+
+def use_limits(limits: DataLimits) -> contextvars.Token:
+    """Apply `limits` to loads in this context (the registry does this around each load)."""
+    return _LIMITS.set(limits)
+
+
+def reset_limits(token: contextvars.Token) -> None:
+    _LIMITS.reset(token)
+
+
+def _check_declared(source: str, n: int, sample_shape: Sequence[int]) -> None:
+    lim = _limits()
+    per = math.prod(int(d) for d in sample_shape)
+    if per > lim.max_input_elements:
+        raise ValueError(
+            f"{source}: each sample has {per:,} values (shape {tuple(sample_shape)}), over the limit of "
+            f"{lim.max_input_elements:,} (data.max_input_elements)"
+        )
+    if n > lim.max_samples:
+        raise ValueError(f"{source}: {n:,} samples, over the limit of {lim.max_samples:,} (data.max_samples)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,10 +202,13 @@ def _int_labels(y: np.ndarray, source: str) -> np.ndarray:
             raise ValueError(f"{source}: labels must be integers, found non-integral values")
     elif y.dtype.kind not in "iub":
         raise ValueError(f"{source}: labels must be integers, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if len(y) and y.min() < 0:
-        raise ValueError(f"{source}: labels must be non-negative, found {int(y.min())}")
-    return y
+    if len(y) and (y.min() < 0 or y.max() >= _limits().max_classes):
+        bad = y.min() if y.min() < 0 else y.max()
+        raise ValueError(
+            f"{source}: labels must be class indices in 0..{_limits().max_classes - 1} "
+            f"(data.max_classes), found {bad:.0f}"
+        )
+    return y.astype(np.int64)
 
 
 def _check_finite(x: np.ndarray, source: str) -> None:
@@ -206,7 +256,15 @@ def _make(
     (xtr, ytr), (xte, yte) = train, test
     if xtr.shape[1:] != xte.shape[1:]:
         raise ValueError(f"{name}: train inputs {xtr.shape[1:]} and test inputs {xte.shape[1:]} differ")
+    if len(xtr) == 0 or len(xte) == 0:
+        raise ValueError(f"{name}: the {'train' if len(xtr) == 0 else 'test'} split is empty")
+    _check_declared(name, len(xtr) + len(xte), xtr.shape[1:])
     k = num_classes if num_classes is not None else int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
+    if k > _limits().max_classes:
+        raise ValueError(
+            f"{name}: labels imply {k:,} classes (largest label + 1), over the limit of "
+            f"{_limits().max_classes:,} (data.max_classes); are the labels class indices?"
+        )
     if max(ytr.max(initial=0), yte.max(initial=0)) >= k:
         raise ValueError(f"{name}: a label is >= the number of classes ({k})")
     return DatasetSplits(
@@ -260,12 +318,19 @@ _IDX_STEMS = {
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
+    limit = _limits().max_file_bytes
+    if path.stat().st_size > limit:
+        raise ValueError(f"{path}: larger than {limit:,} bytes")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":  # sniff rather than trust the suffix
         try:
-            return gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                out = f.read(limit + 1)
         except (OSError, EOFError) as e:
             raise ValueError(f"{path}: corrupt gzip data ({e})") from e
+        if len(out) > limit:
+            raise ValueError(f"{path}: decompresses to more than {limit:,} bytes")
+        return out
     return raw
 
 
@@ -283,6 +348,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if ndim == 0 or len(buf) < header:
         raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions)")
     dims = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
+    _check_declared(str(path), dims[0], dims[1:])
     expected = int(np.prod(dims)) * np.dtype(dtype).itemsize
     if len(buf) - header != expected:
         raise ValueError(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clicooper.data import loaders
-from clicooper.data.loaders import DatasetSplits
+from clicooper.data.loaders import DataLimits, DatasetSplits
 
 Loader = Callable[..., DatasetSplits]  # loader(path, *, seed, test_fraction) -> DatasetSplits
 
@@ -104,10 +104,12 @@ def load_dataset(
     *,
     seed: int = 0,
     test_fraction: float = 0.2,
+    limits: DataLimits | None = None,
 ) -> DatasetSplits:
     """Load a dataset by registry name; ``seed`` and ``test_fraction`` apply where there is no official split.
 
-    Raises ValueError for an unknown name or a format without a path, FileNotFoundError for a
+    Raises ValueError for an unknown name or a format without a path, or data over `limits`
+    (class count, input size, sample count: see DataLimits), FileNotFoundError for a
     missing path, and DatasetUnavailable (with instructions) for a built-in not on this machine.
     """
     key = _normalise(name)
@@ -121,4 +123,8 @@ def load_dataset(
         raise ValueError(
             f"dataset format '{key}' needs a path (data.path in the config, or --path): {info.how_to_get}"
         )
-    return loader(p, seed=seed, test_fraction=test_fraction)
+    token = loaders.use_limits(limits or DataLimits())
+    try:
+        return loader(p, seed=seed, test_fraction=test_fraction)
+    finally:
+        loaders.reset_limits(token)

@@ -134,7 +134,7 @@ class Trainer(Party):
         try:
             nonce = bytes.fromhex(msg.nonce)
             links = json.loads(msg.links)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError(f"{self.name}: malformed nonce message from {msg.header.sender}") from None
         if (
             len(nonce) < 16

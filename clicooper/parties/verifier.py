@@ -2,26 +2,27 @@
 signed stage records, and afterwards verifies the job and certifies provenance,
 work and ownership. It never sees data, labels or activations.
 
-Its state (registry with escrowed watermark keys, nonces, records, attestations) is
-written atomically to its own folder after every change, so `verify_run` can check a
-finished job from the run folder alone.
+Its state (roster, registry with escrowed watermark keys, nonces, records, attestations,
+planned rounds) is a signed append-only log (provenance/statelog.py), written atomically to
+its own folder after every change, so `verify_run` can check a finished job from the run
+folder alone and notice when anyone without the verifier's key has rewritten it.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
-from safetensors.torch import load_file
 
-from clicooper.checkpoint import atomic_write_json, latest_round, round_prefix
+from clicooper.checkpoint import CheckpointError, atomic_write_json, latest_round, load_state, round_prefix
 from clicooper.parties.base import Party, ProtocolError
 from clicooper.provenance import (
     Certificate,
     ChainVerdict,
+    Finding,
     Identity,
     PublicIdentity,
     RegisteredTrainer,
@@ -29,15 +30,18 @@ from clicooper.provenance import (
     TranscriptAttestation,
     WatermarkSpec,
     issue_certificate,
+    load_certificate,
     save_certificate,
     verify_chain,
 )
 from clicooper.provenance.records import prev_link_slots
+from clicooper.provenance.statelog import LogError, StateLog, check_nonce, read_log, signed_nonce
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import Message, Nonce, Register, RoundOpen, RoundOpened, StageSealed
 
-STATE_FILE = "state.json"
+LOG_FILE = "state.log"
 IDENTITY_FILE = "identity.pem"
+CERTIFICATE_FILE = "certificate.json"
 
 
 class Verifier(Party):
@@ -52,6 +56,7 @@ class Verifier(Party):
         state_dir: Path | None = None,
         data_owner: str = "data_owner",
         name: str = "verifier",
+        rounds: int = 0,
     ) -> None:
         super().__init__(name, job_id, transport)
         self.trainers, self.spec, self.identity, self.state_dir = trainers, spec, identity, state_dir
@@ -60,11 +65,40 @@ class Verifier(Party):
         self.nonces: dict[int, bytes] = {}
         self.records: dict[tuple[int, int], SignedRecord] = {}
         self.attestations: list[TranscriptAttestation] = []
+        self.rounds = rounds
         self._allowed = {Register: tuple(trainers), RoundOpen: (data_owner,), StageSealed: tuple(trainers)}
         self.data_owner = data_owner
         transport.register(name, self.handle)
+        log_path = state_dir / LOG_FILE if state_dir is not None else None
+        if log_path is not None and log_path.exists():  # a resumed job: continue the signed log
+            self.log = StateLog(identity, read_log(log_path, identity.public_key_bytes()))
+            self._replay()
+            if rounds and rounds != self.rounds:
+                self.log.append("plan", {"rounds": rounds})
+                self.rounds = rounds
+        else:
+            self.log = StateLog(identity)
+            self.log.append(
+                "genesis",
+                {
+                    "job_id": job_id,
+                    "trainers": list(trainers),
+                    "spec": spec.model_dump(mode="json"),
+                    "rounds": rounds,
+                    "verifier_public_key": identity.public_key_bytes().hex(),
+                },
+            )
         if state_dir is not None:
             identity.save(state_dir / IDENTITY_FILE)
+        self.save()
+
+    def _replay(self) -> None:
+        ev = evidence_from_log(self.log.entries)
+        if ev.job_id != self.job_id or ev.trainers != self.trainers:
+            raise ValueError(f"verifier log is for job {ev.job_id!r} with trainers {ev.trainers}")
+        self.registry, self.nonces, self.rounds = dict(ev.registry), dict(ev.nonces), ev.rounds
+        self.records = {(r.record.position, r.record.round): r for r in ev.records}
+        self.attestations = list(ev.attestations)
 
     def handle(self, msg: Message) -> None:
         self.check_incoming(msg, self._allowed)
@@ -78,12 +112,6 @@ class Verifier(Party):
 
     def _on_register(self, msg: Register) -> None:
         sender = msg.header.sender
-        if self.nonces:
-            raise ProtocolError(f"{self.name}: {sender} tried to register after training started")
-        if msg.position != self.position_of[sender]:
-            raise ProtocolError(
-                f"{self.name}: {sender} claims position {msg.position}, expected {self.position_of[sender]}"
-            )
         try:
             entry = RegisteredTrainer(
                 identity=PublicIdentity.from_key(sender, bytes.fromhex(msg.public_key)),
@@ -92,11 +120,20 @@ class Verifier(Party):
             )
         except (ValueError, ValidationError) as e:
             raise ProtocolError(f"{self.name}: bad registration from {sender}: {e}") from None
+        if self.registry.get(entry.fingerprint) == entry:
+            return  # a resumed trainer re-announcing the registration already in the log
+        if self.nonces:
+            raise ProtocolError(f"{self.name}: {sender} tried to register after training started")
+        if msg.position != self.position_of[sender]:
+            raise ProtocolError(
+                f"{self.name}: {sender} claims position {msg.position}, expected {self.position_of[sender]}"
+            )
         if len(entry.wm_key) < 16:
             raise ProtocolError(f"{self.name}: {sender}'s watermark key is shorter than 16 bytes")
         if any(r.position == entry.position for r in self.registry.values()):
             raise ProtocolError(f"{self.name}: position {entry.position} is already registered")
         self.registry[entry.fingerprint] = entry
+        self.log.append("register", entry.model_dump(mode="json"))
 
     def _on_round_open(self, msg: RoundOpen) -> None:
         rnd = msg.header.round
@@ -106,7 +143,12 @@ class Verifier(Party):
             raise ProtocolError(
                 f"{self.name}: round {rnd} cannot be opened now (open: {sorted(self.nonces)})"
             )
-        self.nonces[rnd] = secrets.token_bytes(16)
+        body = signed_nonce(self.identity, self.job_id, rnd)
+        self.nonces[rnd] = bytes.fromhex(body["nonce"])
+        if rnd + 1 > self.rounds:
+            self.rounds = rnd + 1
+            self.log.append("plan", {"rounds": self.rounds})
+        self.log.append("nonce", body)
         for t in self.trainers:
             pos = self.position_of[t]
             links = []
@@ -121,8 +163,9 @@ class Verifier(Party):
         sender, rnd = msg.header.sender, msg.header.round
         try:
             signed = SignedRecord.from_json(msg.record)
-            atts = [TranscriptAttestation.model_validate(a) for a in json.loads(msg.attestations)]
-        except (ValueError, ValidationError) as e:
+            raw_atts = json.loads(msg.attestations)
+            atts = [TranscriptAttestation.model_validate(a) for a in raw_atts]
+        except (ValueError, ValidationError, RecursionError, TypeError) as e:
             raise ProtocolError(f"{self.name}: malformed stage record from {sender}: {e}") from None
         slot = (signed.record.position, signed.record.round)
         if slot != (self.position_of[sender], rnd):
@@ -134,46 +177,28 @@ class Verifier(Party):
             raise ProtocolError(f"{self.name}: a record for stage {slot} was already received")
         self.records[slot] = signed
         self.attestations.extend(atts)
+        self.log.append(
+            "record", {"record": signed.to_json(), "attestations": [a.model_dump(mode="json") for a in atts]}
+        )
 
     # -- persistence ------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "job_id": self.job_id,
-            "trainers": self.trainers,
-            "spec": self.spec.model_dump(mode="json"),
-            "verifier_public_key": self.identity.public_key_bytes().hex(),
-            "registry": [r.model_dump(mode="json") for r in self.registry.values()],
-            "nonces": {str(k): v.hex() for k, v in self.nonces.items()},
-            "records": [r.to_json() for r in self.records.values()],
-            "attestations": [a.model_dump(mode="json") for a in self.attestations],
-        }
-
     def save(self) -> None:
-        if self.state_dir is not None:  # escrowed keys inside: private to the verifier
-            atomic_write_json(self.state_dir / STATE_FILE, self.state_dict(), mode=0o600)
-
-    def load_state_dict(self, st: dict) -> None:
-        if st["job_id"] != self.job_id or st["trainers"] != self.trainers:
-            raise ValueError(f"verifier state is for job {st['job_id']!r} with trainers {st['trainers']}")
-        self.registry = {
-            r.fingerprint: r for r in (RegisteredTrainer.model_validate(x) for x in st["registry"])
-        }
-        self.nonces = {int(k): bytes.fromhex(v) for k, v in st["nonces"].items()}
-        recs = [SignedRecord.from_json(r) for r in st["records"]]
-        self.records = {(r.record.position, r.record.round): r for r in recs}
-        self.attestations = [TranscriptAttestation.model_validate(a) for a in st["attestations"]]
+        if self.state_dir is not None:
+            self.log.save(self.state_dir / LOG_FILE)
 
     def truncate(self, from_round: int) -> None:
-        """Forget rounds >= from_round (a resumed job re-runs them under fresh nonces)."""
-        self.nonces = {r: n for r, n in self.nonces.items() if r < from_round}
-        self.records = {k: v for k, v in self.records.items() if k[1] < from_round}
-        self.attestations = [a for a in self.attestations if a.round < from_round]
+        """Forget rounds >= from_round (a resumed job re-runs them under fresh nonces); logged, signed."""
+        if any(r >= from_round for r in self.nonces):
+            self.nonces = {r: n for r, n in self.nonces.items() if r < from_round}
+            self.records = {k: v for k, v in self.records.items() if k[1] < from_round}
+            self.attestations = [a for a in self.attestations if a.round < from_round]
+            self.log.append("rewind", {"from_round": from_round})
         self.save()
 
 
 @dataclass
 class JobEvidence:
-    """What the verifier holds about a finished job, loaded from its folder."""
+    """What the verifier holds about a job, replayed from its signed log."""
 
     job_id: str
     registry: dict[str, RegisteredTrainer]
@@ -182,43 +207,177 @@ class JobEvidence:
     attestations: list[TranscriptAttestation]
     spec: WatermarkSpec
     n_positions: int
+    trainers: list[str] = field(default_factory=list)
+    rounds: int = 0
+    verifier_public_key: bytes = b""
 
 
-def load_evidence(verifier_dir: Path) -> JobEvidence:
-    path = verifier_dir / STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: was the job run with watermarking enabled?")
-    st = json.loads(path.read_text())
-    registry = {r.fingerprint: r for r in (RegisteredTrainer.model_validate(x) for x in st["registry"])}
-    return JobEvidence(
-        job_id=st["job_id"],
-        registry=registry,
-        nonces={int(k): bytes.fromhex(v) for k, v in st["nonces"].items()},
-        records=[SignedRecord.from_json(r) for r in st["records"]],
-        attestations=[TranscriptAttestation.model_validate(a) for a in st["attestations"]],
-        spec=WatermarkSpec.model_validate(st["spec"]),
-        n_positions=len(st["trainers"]),
-    )
+class EvidenceError(ValueError):
+    """The verifier's evidence is missing or does not verify; the message says why."""
+
+
+def evidence_from_log(entries: list[dict]) -> JobEvidence:
+    """Replay a checked log (see `read_log`) into the verifier's state."""
+    try:
+        g = entries[0]["body"]
+        key = bytes.fromhex(g["verifier_public_key"])
+        ev = JobEvidence(
+            job_id=str(g["job_id"]),
+            registry={},
+            nonces={},
+            records=[],
+            attestations=[],
+            spec=WatermarkSpec.model_validate(g["spec"]),
+            n_positions=len(g["trainers"]),
+            trainers=[str(t) for t in g["trainers"]],
+            rounds=int(g["rounds"]),
+            verifier_public_key=key,
+        )
+        for i, e in enumerate(entries[1:], start=1):
+            body, kind = e["body"], e["type"]
+            if kind == "register":
+                if ev.nonces:
+                    raise EvidenceError(f"verifier log entry {i}: a registration after training started")
+                reg = RegisteredTrainer.model_validate(body)
+                ev.registry[reg.fingerprint] = reg
+            elif kind == "nonce":
+                if not check_nonce(key, ev.job_id, body):
+                    raise EvidenceError(f"verifier log entry {i}: the round nonce is not the verifier's")
+                ev.nonces[int(body["round"])] = bytes.fromhex(body["nonce"])
+            elif kind == "record":
+                ev.records.append(SignedRecord.from_json(body["record"]))
+                ev.attestations.extend(TranscriptAttestation.model_validate(a) for a in body["attestations"])
+            elif kind == "plan":
+                ev.rounds = int(body["rounds"])
+            elif kind == "rewind":
+                r = int(body["from_round"])
+                ev.nonces = {k: v for k, v in ev.nonces.items() if k < r}
+                ev.records = [x for x in ev.records if x.record.round < r]
+                ev.attestations = [a for a in ev.attestations if a.round < r]
+    except EvidenceError:
+        raise
+    except (KeyError, TypeError, ValueError, ValidationError, IndexError, RecursionError) as e:
+        raise EvidenceError(f"the verifier log holds a malformed entry: {type(e).__name__}: {e}") from None
+    return ev
+
+
+def load_evidence(verifier_dir: Path, public_key: bytes | None = None) -> JobEvidence:
+    """Read and check the verifier's signed log; the key defaults to the one in the verifier's folder.
+
+    Raises EvidenceError (missing, unreadable or altered log, or a verifier key that did not sign it)."""
+    if public_key is None:
+        try:
+            public_key = Identity.load(verifier_dir / IDENTITY_FILE, name="verifier").public_key_bytes()
+        except FileNotFoundError:
+            raise EvidenceError(
+                f"{verifier_dir / IDENTITY_FILE} not found: was the job run with watermarking enabled?"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise EvidenceError(f"the verifier key cannot be read: {e}") from None
+    try:
+        return evidence_from_log(read_log(verifier_dir / LOG_FILE, public_key))
+    except LogError as e:
+        raise EvidenceError(str(e)) from None
 
 
 def delivered_segment(trainer_dir: Path) -> dict:
-    """A trainer's delivered final segment: the weights of its newest checkpoint."""
+    """A trainer's delivered final segment: the weights of its newest intact checkpoint."""
     rnd = latest_round(trainer_dir)
     if rnd is None:
         raise FileNotFoundError(f"no delivered segment in {trainer_dir}")
-    tensors = load_file(str(round_prefix(trainer_dir, rnd).with_suffix(".safetensors")))
+    tensors, _ = load_state(round_prefix(trainer_dir, rnd), verify=False)  # the signed digest decides
     return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-def verify_run(run_dir: Path, *, issue: bool = True) -> tuple[ChainVerdict, Certificate | None]:
-    """Verify a finished job from its run folder; on success issue and save a signed certificate."""
+def _rejected(job_id: str, reason: str) -> ChainVerdict:
+    return ChainVerdict(
+        job_id=job_id,
+        n_positions=0,
+        n_rounds=0,
+        ok=False,
+        findings=[Finding(position=None, round=None, ok=False, reason=reason)],
+    )
+
+
+def _save_certificate_once(vdir: Path, cert: Certificate) -> Path:
+    """Write the certificate; an existing one is never overwritten by a different one: an equal one
+    (same content but for issue time and signature) is kept, a different one is kept beside."""
+    path = vdir / CERTIFICATE_FILE
+    if path.exists():
+        try:
+            old = load_certificate(path)
+            same = old.model_dump(exclude={"issued_at", "signature"}) == cert.model_dump(
+                exclude={"issued_at", "signature"}
+            )
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return path
+        n = 2
+        while (vdir / f"certificate-{n}.json").exists():
+            n += 1
+        path = vdir / f"certificate-{n}.json"
+    save_certificate(path, cert)
+    return path
+
+
+def _retire_certificate(vdir: Path) -> None:
+    """A rejected run keeps no current certificate: an earlier one is renamed (kept as evidence)."""
+    path = vdir / CERTIFICATE_FILE
+    if path.exists():
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        path.rename(vdir / f"certificate.superseded-{stamp}.json")
+
+
+def verify_run(
+    run_dir: Path, *, issue: bool = True, public_key: bytes | None = None
+) -> tuple[ChainVerdict, Certificate | None]:
+    """Verify a job from its run folder; on success issue and save a signed certificate.
+
+    The verifier's signed log is checked first (against `public_key`, or the key in the verifier's
+    folder); an altered, truncated or re-signed log, a missing trainer or round, or a checkpoint
+    that does not load is a REJECTED verdict with the reason, never an exception."""
     vdir = run_dir / "verifier"
-    ev = load_evidence(vdir)
+    if not vdir.is_dir():
+        raise FileNotFoundError(f"{vdir} not found: was the job run with watermarking enabled?")
+    try:
+        ev = load_evidence(vdir, public_key)
+    except EvidenceError as e:
+        verdict = _rejected(run_dir.name, str(e))
+    else:
+        verdict = _verify_evidence(run_dir, ev)
+    if vdir.is_dir():
+        atomic_write_json(vdir / "verdict.json", json.loads(verdict.model_dump_json()))
+    cert = None
+    if verdict.ok and issue:
+        identity = Identity.load(vdir / IDENTITY_FILE, name="verifier")
+        cert = issue_certificate(identity, verdict, ev.registry)
+        _save_certificate_once(vdir, cert)
+    elif not verdict.ok:
+        _retire_certificate(vdir)
+    return verdict, cert
+
+
+def _verify_evidence(run_dir: Path, ev: JobEvidence) -> ChainVerdict:
+    pre: list[Finding] = []
     segments = {}
-    for i in range(1, ev.n_positions + 1):
-        tdir = run_dir / f"trainer_{i}"
-        if tdir.exists() and latest_round(tdir) is not None:
-            segments[i] = delivered_segment(tdir)
+    for i, name in enumerate(ev.trainers, start=1):
+        tdir = run_dir / name
+        try:
+            if tdir.exists() and latest_round(tdir) is not None:
+                segments[i] = delivered_segment(tdir)
+        except (CheckpointError, OSError) as e:
+            pre.append(Finding(position=i, round=None, ok=False, reason=f"delivered segment unreadable: {e}"))
+    if sorted(ev.nonces) != list(range(ev.rounds)):
+        pre.append(
+            Finding(
+                position=None,
+                round=None,
+                ok=False,
+                reason=f"the signed log plans {ev.rounds} round(s) but holds nonces for "
+                f"{sorted(ev.nonces)} (rounds removed or job unfinished)",
+            )
+        )
     verdict = verify_chain(
         ev.job_id,
         ev.records,
@@ -227,13 +386,9 @@ def verify_run(run_dir: Path, *, issue: bool = True) -> tuple[ChainVerdict, Cert
         final_segments=segments,
         attestations=ev.attestations,
         n_positions=ev.n_positions,
-        n_rounds=len(ev.nonces),
+        n_rounds=ev.rounds,
         wm_spec=ev.spec,
     )
-    atomic_write_json(vdir / "verdict.json", json.loads(verdict.model_dump_json()))
-    cert = None
-    if issue and verdict.ok:
-        identity = Identity.load(vdir / IDENTITY_FILE, name="verifier")
-        cert = issue_certificate(identity, verdict, ev.registry)
-        save_certificate(vdir / "certificate.json", cert)
-    return verdict, cert
+    if pre:
+        verdict = verdict.model_copy(update={"ok": False, "findings": [*pre, *verdict.findings]})
+    return verdict

@@ -8,6 +8,12 @@ The ledger: before any activation of a round leaves the data owner, the release 
 recorded and the accountant's state is written to `privacy_ledger.json` (atomically).
 A resumed run takes the larger of the checkpointed and the ledgered release counts, so
 a crash mid-round can never make the reported epsilon smaller than what was released.
+
+The ledger is keyed by the mechanism's parameters: noise multiplier, clip norm, delta,
+accountant, sampling rate, release mode, and a digest of the training samples released.
+A job whose mechanism differs from the one the ledger counted (a resume with another clip,
+seed or training subset, say) is refused before it releases anything, so no release can
+happen that the ledger does not count.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 
 from clicooper.checkpoint import atomic_write_json
-from clicooper.config import PrivacySection
+from clicooper.config import PrivacySection, ResumeError
 from clicooper.privacy.accounting import ActivationAccountant, calibrate_noise_multiplier, check_budget
 from clicooper.privacy.activation_dp import clip_and_noise, clip_per_sample
 from clicooper.privacy.labels import LabelCodebook
@@ -45,6 +51,7 @@ class DataOwnerDefences:
         poisson: bool,
         secret: bytes,
         ledger_dir: Path | None = None,
+        data_digest: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.one_shot = cfg.dp and cfg.release == "one-shot"
@@ -64,6 +71,18 @@ class DataOwnerDefences:
                 sigma, cfg.delta, accountant=cfg.accountant, sampling_rate=self.sampling_rate
             )
         self.codebook = LabelCodebook.from_secret(secret, num_classes, cfg.gamma) if cfg.gamma > 1 else None
+        self.mechanism = (
+            {
+                **{k: v for k, v in self.accountant.state_dict().items() if k != "releases"},
+                "clip": cfg.clip,
+                "release": cfg.release,
+                "n_train": n_train,
+                "data_sha256": data_digest,
+            }
+            if self.accountant is not None
+            else None
+        )
+        self._check_ledger_mechanism()
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -139,9 +158,39 @@ class DataOwnerDefences:
 
     def _write_ledger(self) -> None:
         if self.ledger_dir is not None and self.accountant is not None:
-            atomic_write_json(self.ledger_dir / LEDGER, self.accountant.state_dict())
+            atomic_write_json(
+                self.ledger_dir / LEDGER, {**self.accountant.state_dict(), "mechanism": self.mechanism}
+            )
 
     def _read_ledger(self) -> dict | None:
-        if self.ledger_dir is None or not (self.ledger_dir / LEDGER).exists():
+        path = self.ledger_dir / LEDGER if self.ledger_dir is not None else None
+        if path is None or not path.exists():
             return None
-        return json.loads((self.ledger_dir / LEDGER).read_text())
+        try:
+            ledger = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise ResumeError(
+                f"{path} (the privacy ledger) is unreadable: {e}; refusing to release"
+            ) from None
+        if not isinstance(ledger, dict) or not isinstance(ledger.get("releases"), int):
+            raise ResumeError(f"{path} (the privacy ledger) is malformed; refusing to release")
+        return ledger
+
+    def _check_ledger_mechanism(self) -> None:
+        """Refuse a mechanism other than the one whose releases the ledger already counts."""
+        ledger = self._read_ledger()
+        if ledger is None or ledger["releases"] == 0:
+            return
+        if self.mechanism is None:
+            raise ResumeError(
+                f"the privacy ledger counts {ledger['releases']} DP release(s) but this job has DP off; "
+                "refusing to release activations without noise"
+            )
+        theirs = ledger.get("mechanism") or {}
+        diff = [k for k in self.mechanism if theirs.get(k) != self.mechanism[k]]
+        if diff:
+            detail = ", ".join(f"{k}: {theirs.get(k)!r} -> {self.mechanism[k]!r}" for k in diff)
+            raise ResumeError(
+                f"the privacy ledger counts {ledger['releases']} release(s) under another mechanism "
+                f"({detail}); a release under this one would not be counted. Start a new run."
+            )

@@ -5,7 +5,8 @@ then the raw little-endian bytes of each tensor field in header order, each
 starting at a 64-byte boundary (zero-copy views must be aligned: misaligned
 tensors make convolution and activation kernels several times slower). Decoding validates
 everything a peer controls: the message kind, field names and types, dtypes from
-a whitelist, shapes against byte lengths, total size, and finiteness.
+a whitelist, shapes against byte lengths, total size, integer ranges (signed 64-bit), and
+finiteness. `decode` raises `CodecError` and nothing else, whatever the bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from clicooper.transport.messages import MESSAGE_TYPES, Header, Message
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_DIMS = 8
+MAX_JSON_DEPTH = 16
 ALIGN = 64
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -104,7 +107,33 @@ def _check_type(value: Any, expected: type, where: str) -> Any:
         raise CodecError(f"{where}: expected {expected.__name__}, got {type(value).__name__}")
     if expected is float and not math.isfinite(value):
         raise CodecError(f"{where}: not finite")
+    if expected is int and not INT_MIN <= value <= INT_MAX:
+        raise CodecError(f"{where}: integer out of the signed 64-bit range")
     return value
+
+
+def _check_header_ints(hdr: Header, where: str) -> None:
+    for k in ("round", "step", "seq"):
+        if getattr(hdr, k) < 0:
+            raise CodecError(f"{where}.header.{k}: must be >= 0")
+
+
+def _json_depth_ok(text: str) -> bool:
+    """Nesting depth of a JSON text at most MAX_JSON_DEPTH (checked before parsing: no recursion)."""
+    depth = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
 
 
 def _parse_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -116,8 +145,13 @@ def _parse_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     if n > MAX_HEADER_BYTES or 4 + n > len(data):
         raise CodecError(f"bad header length {n}")
     try:
-        header = json.loads(bytes(data[4 : 4 + n]).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = bytes(data[4 : 4 + n]).decode()
+        if not _json_depth_ok(text):
+            raise CodecError(f"header JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge integers
+        if isinstance(e, CodecError):
+            raise
         raise CodecError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise CodecError("header is not a JSON object")
@@ -131,19 +165,19 @@ def _decode_tensor(
 ) -> tuple[torch.Tensor, int]:
     if not isinstance(meta, dict) or set(meta) != {"name", "dtype", "shape"}:
         raise CodecError(f"{where}: malformed tensor descriptor")
-    dtype = _DTYPES.get(meta["dtype"])
+    dtype = _DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
     if dtype is None:
-        raise CodecError(f"{where}: dtype {meta['dtype']!r} is not allowed")
+        raise CodecError(f"{where}: dtype {str(meta['dtype'])[:40]!r} is not allowed")
     shape = meta["shape"]
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(type(d) is int and d >= 0 for d in shape)
+        or not all(type(d) is int and 0 <= d <= MAX_MESSAGE_BYTES for d in shape)
     ):
-        raise CodecError(f"{where}: bad shape {shape!r}")
+        raise CodecError(f"{where}: bad shape {str(shape)[:80]}")
     np_dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     nbytes = math.prod(shape) * np_dtype.itemsize
-    if offset + _align(nbytes) > len(data):
+    if nbytes > MAX_MESSAGE_BYTES or offset + _align(nbytes) > len(data):
         raise CodecError(f"{where}: shape {shape} needs {nbytes} bytes, message is truncated")
     arr = np.frombuffer(data, dtype=np_dtype, count=math.prod(shape), offset=offset).reshape(shape)
     # A writable buffer (in-process delivery) is owned by this message alone: view it without a copy.
@@ -151,7 +185,9 @@ def _decode_tensor(
     t = torch.from_numpy(native)
     # One reduction is finite iff every element is (NaN and inf propagate; a float32 overflow,
     # which only absurd activations reach, is rejected too), and it needs no boolean mask.
-    if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum())):
+    # A sum that overflows is re-checked element-wise, so large finite values (float16) still pass.
+    overflow = t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum()))
+    if overflow and not bool(torch.isfinite(t).all()):
         raise CodecError(f"{where}: contains NaN or infinity")
     if any(data[offset + nbytes : offset + _align(nbytes)]):
         raise CodecError(f"{where}: non-zero padding after the tensor (shape does not match the bytes)")
@@ -159,22 +195,42 @@ def _decode_tensor(
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
-    """Parse and validate bytes from a peer into a typed message."""
+    """Parse and validate bytes from a peer into a typed message; raises only CodecError."""
+    try:
+        return _decode(data)
+    except CodecError:
+        raise
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+        struct.error,
+    ) as e:
+        raise CodecError(f"malformed message: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _decode(data: bytes | bytearray | memoryview) -> Message:
     header = _parse_header(data)
     offset = header.pop("_offset")
-    cls = MESSAGE_TYPES.get(header.get("kind"))  # type: ignore[arg-type]
+    kind = header.get("kind")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise CodecError(f"unknown message kind {header.get('kind')!r}")
+        raise CodecError(f"unknown message kind {str(kind)[:40]!r}")
     if set(header) != {"kind", "header", "fields", "tensors"}:
         raise CodecError(f"{cls.KIND}: unexpected header keys {sorted(header)}")
     h = header["header"]
     if not isinstance(h, dict) or set(h) != set(_HEADER_TYPES):
         raise CodecError(f"{cls.KIND}: malformed header fields")
     hdr = Header(**{k: _check_type(h[k], t, f"{cls.KIND}.header.{k}") for k, t in _HEADER_TYPES.items()})
+    _check_header_ints(hdr, cls.KIND)
     scalars = _scalar_fields(cls)
     fields = header["fields"]
     if not isinstance(fields, dict) or set(fields) != set(scalars):
-        raise CodecError(f"{cls.KIND}: expected fields {sorted(scalars)}, got {sorted(fields or {})}")
+        got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+        raise CodecError(f"{cls.KIND}: expected fields {sorted(scalars)}, got {str(got)[:200]}")
     kwargs: dict[str, Any] = {k: _check_type(fields[k], t, f"{cls.KIND}.{k}") for k, t in scalars.items()}
     expected = _tensor_fields(cls)
     metas = header["tensors"]
