@@ -254,14 +254,25 @@ def baseline(
         bool, typer.Option("--centralized", help="Train the same model in one place.")
     ] = False,
     plain: Annotated[bool, typer.Option("--plain", help="The chain with every defence off.")] = False,
+    no_dp: Annotated[
+        bool, typer.Option("--no-dp", help="The same job with activation DP off, all else as configured.")
+    ] = False,
 ) -> None:
-    """Reference runs from the same configuration: centralized training, or the undefended chain."""
-    if centralized == plain:
-        _fail("choose exactly one of --centralized or --plain")
+    """Reference runs from the same configuration: centralized training, the undefended chain, or the
+    same job without DP (what the DP costs in accuracy)."""
+    if centralized + plain + no_dp != 1:
+        _fail("choose exactly one of --centralized, --plain or --no-dp")
     try:
         cfg = load_config(config)
     except ConfigError as e:
         _fail(str(e))
+    if no_dp:
+        cfg = cfg.replace(
+            privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "budget_epsilon": None}
+        )
+        run_dir = _new_run_dir(cfg, "-nodp")
+        _finish(run_chain(cfg, run_dir), "the same job with DP off")
+        return
     if plain:
         cfg = cfg.replace(
             privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "gamma": 1, "u_shaped": False},
