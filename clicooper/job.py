@@ -29,6 +29,7 @@ from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_
 from clicooper.parties import DataOwner, Trainer, Verifier
 from clicooper.parties.verifier import STATE_FILE
 from clicooper.privacy.defence import DataOwnerDefences
+from clicooper.privacy.dp_sgd import DpSgdPlan, dp_sgd_train
 from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
 from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
 from clicooper.provenance.stage import StageProvenance
@@ -54,6 +55,8 @@ class RunSummary:
     delta: float | None = None
     run_dir: str | None = None
     extra: dict = field(default_factory=dict)
+    # What `epsilon` covers: "activation-level (given the head)" or "end-to-end" (None without DP).
+    guarantee: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -139,6 +142,41 @@ def pretrain_head(head: nn.Module, data: DatasetSplits, cfg: JobConfig) -> None:
             opt.step()
 
 
+class NormalizedProbe(nn.Module):
+    """The head's throw-away linear probe, reading L2-normalised activations (scaled by 10): what
+    clipping at C leaves of the direction, as in `pretrain_head`."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.flatten(1)
+        return self.linear(10 * a / a.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def train_head_dp_sgd(
+    head: nn.Module,
+    data: DatasetSplits,
+    plan: DpSgdPlan,
+    *,
+    lr: float,
+    momentum: float,
+    on_step: StepCallback | None = None,
+) -> tuple[int, float]:
+    """Train the head and a throw-away probe with DP-SGD on the data owner's data (end-to-end DP).
+
+    The probe is trained under the same DP-SGD run (its weights shape the head's updates) and then
+    dropped. Returns (steps taken, the probe's test accuracy, for reporting only).
+    """
+    with torch.no_grad():
+        dim = head(data.train_x[:1]).flatten(1).shape[1]
+    model = nn.Sequential(head, NormalizedProbe(dim, data.num_classes))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    steps = dp_sgd_train(model, F.cross_entropy, data.train_x, data.train_y, plan, opt, on_step=on_step)
+    return steps, evaluate_model(model, data.test_x, data.test_y)
+
+
 def build_defence(cfg: JobConfig, data: DatasetSplits, run_dir: Path | None) -> DataOwnerDefences | None:
     """The data owner's defences from `[privacy]`, or None for the plain chain. The codebook secret is
     kept in the data owner's own folder (mode 0600), apart from every checkpoint."""
@@ -195,6 +233,15 @@ class ChainJob:
             pretrain_head(head, data, cfg)
         if defence is FROM_CONFIG:
             defence = build_defence(cfg, data, run_dir)
+        self.head_probe_accuracy: float | None = None
+        head_plan = getattr(defence, "head_plan", None)
+        if head_plan is not None:  # end-to-end DP: the head is trained with DP-SGD, then frozen
+            p = cfg.privacy
+            steps, probe_acc = train_head_dp_sgd(
+                head, data, head_plan, lr=p.head_dp_lr, momentum=p.head_dp_momentum
+            )
+            defence.record_head_steps(steps)
+            self.head_probe_accuracy = probe_acc
         trainer_segs = segs[1 : len(segs) - int(self.plan.u_shaped)]
         names = [f"trainer_{i + 1}" for i in range(len(trainer_segs))]
         self.defence = defence
@@ -367,8 +414,11 @@ class ChainJob:
             bytes_per_step=hops,
             defences=list(getattr(self.defence, "names", [])) if self.defence else [],
             run_dir=str(self.run_dir) if self.run_dir else None,
+            guarantee=getattr(self.defence, "guarantee", None) if self.defence else None,
         )
         s.extra["split_bounds"] = list(self.plan.bounds)
+        if self.head_probe_accuracy is not None:
+            s.extra["dp_sgd_head_probe_accuracy"] = self.head_probe_accuracy
         priv = self._privacy_row()
         s.epsilon, s.delta = priv.get("epsilon"), priv.get("delta")
         if self.run_dir is not None:
