@@ -3,6 +3,8 @@ against dp-accounting called directly."""
 
 from __future__ import annotations
 
+import json
+
 import dp_accounting as dpa
 import pytest
 import torch
@@ -211,3 +213,16 @@ def test_calibration_meets_the_total_and_follows_the_split():
 def test_end_to_end_config_is_validated(privacy, model, match):
     with pytest.raises(ConfigError, match=match):
         tiny_config(privacy=privacy, model=model)
+
+
+def test_eval_e2e_quick(tmp_path):
+    from typer.testing import CliRunner
+
+    from clicooper.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "e2e", "--quick", "--out", str(tmp_path), "--epsilon", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["guarantee"] == "end-to-end"
+    assert 1.9 <= rows[0]["epsilon"] <= 2.0 and rows[0]["steps"] == 8
+    assert 0.0 <= rows[0]["linear_accuracy"] <= 1.0
