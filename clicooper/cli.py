@@ -85,7 +85,11 @@ def _print_summary(s: RunSummary, title: str) -> None:
     if s.mode != "centralized":
         t.add_row("trainers", str(s.n_trainers))
         t.add_row("defences", ", ".join(s.defences) or "none (plain split learning)")
-        eps = "not applicable (no DP)" if s.epsilon is None else f"{s.epsilon:.3f} (delta = {s.delta:g})"
+        eps = (
+            "not applicable (no DP)"
+            if s.epsilon is None
+            else f"{s.epsilon:.3f} (delta = {s.delta:g}; guarantee: {s.guarantee})"
+        )
         t.add_row("epsilon spent", eps)
         for hop, b in s.bytes_per_step.items():
             t.add_row(f"bytes/step {hop}", f"{b:,.0f}")
@@ -413,7 +417,7 @@ def eval_e2e(
         run_e2e(data, epsilon=e, delta=delta, settings=settings, seed=cfg.job.seed, log=console.print)
         for e in (epsilon or [2.0])
     ]
-    console.print(f"results: {write_results(results, out)}")
+    console.print(f"report: {write_results(results, out)} (and {out / 'e2e.jsonl'})")
 
 
 def _attacked_job(config: Path | None, quick: bool):

@@ -144,15 +144,22 @@ def pretrain_head(head: nn.Module, data: DatasetSplits, cfg: JobConfig) -> None:
 
 class NormalizedProbe(nn.Module):
     """The head's throw-away linear probe, reading L2-normalised activations (scaled by 10): what
-    clipping at C leaves of the direction, as in `pretrain_head`."""
+    clipping at C leaves of the direction, as in `pretrain_head`. `cosine`: the class weights are
+    normalised too (no bias), so classes are directions and a nearest-class-mean read-out of the
+    release matches what the head was trained for."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int, cosine: bool = False) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, num_classes)
+        self.cosine = cosine
+        self.linear = nn.Linear(dim, num_classes, bias=not cosine)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         a = a.flatten(1)
-        return self.linear(10 * a / a.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        a = 10 * a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if not self.cosine:
+            return self.linear(a)
+        w = self.linear.weight
+        return a @ (w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
 
 
 def train_head_dp_sgd(
@@ -162,6 +169,7 @@ def train_head_dp_sgd(
     *,
     lr: float,
     momentum: float,
+    cosine_probe: bool = False,
     on_step: StepCallback | None = None,
 ) -> tuple[int, float]:
     """Train the head and a throw-away probe with DP-SGD on the data owner's data (end-to-end DP).
@@ -171,7 +179,7 @@ def train_head_dp_sgd(
     """
     with torch.no_grad():
         dim = head(data.train_x[:1]).flatten(1).shape[1]
-    model = nn.Sequential(head, NormalizedProbe(dim, data.num_classes))
+    model = nn.Sequential(head, NormalizedProbe(dim, data.num_classes, cosine_probe))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     steps = dp_sgd_train(model, F.cross_entropy, data.train_x, data.train_y, plan, opt, on_step=on_step)
     return steps, evaluate_model(model, data.test_x, data.test_y)

@@ -225,4 +225,4 @@ def test_eval_e2e_quick(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["guarantee"] == "end-to-end"
     assert 1.9 <= rows[0]["epsilon"] <= 2.0 and rows[0]["steps"] == 8
-    assert 0.0 <= rows[0]["linear_accuracy"] <= 1.0
+    assert 0.0 <= rows[0]["linear_accuracy"] <= 1.0 and (tmp_path / "e2e.md").exists()

@@ -59,6 +59,7 @@ def run_variant(cfg: JobConfig, data: DatasetSplits) -> dict:
         "time_s": time.perf_counter() - t0,
         "sigma": getattr(job.defence, "noise_multiplier", None),
         "noisy_inference_accuracy": None,
+        "guarantee": s.guarantee,
     }
     if cfg.privacy.dp:
         job.defence.cfg = cfg.privacy.model_copy(update={"noise_at_inference": True})
@@ -109,6 +110,7 @@ def run_utility_sweep(
             "sigma",
             "test_accuracy",
             "noisy_inference_accuracy",
+            "guarantee",
             "time_s",
         ],
     )
