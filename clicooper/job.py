@@ -246,7 +246,12 @@ class ChainJob:
         if head_plan is not None:  # end-to-end DP: the head is trained with DP-SGD, then frozen
             p = cfg.privacy
             steps, probe_acc = train_head_dp_sgd(
-                head, data, head_plan, lr=p.head_dp_lr, momentum=p.head_dp_momentum
+                head,
+                data,
+                head_plan,
+                lr=p.head_dp_lr,
+                momentum=p.head_dp_momentum,
+                cosine_probe=p.head_dp_probe == "cosine",
             )
             defence.record_head_steps(steps)
             self.head_probe_accuracy = probe_acc

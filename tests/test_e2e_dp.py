@@ -163,6 +163,11 @@ def test_end_to_end_epsilon_is_dp_accountings_composition(digits):
     expected = _expected_epsilon(p.noise_multiplier, p.sampling_rate, 12, d.noise_multiplier, 1)
     assert s.epsilon == pytest.approx(expected, rel=1e-9)
     assert 2.9 <= s.epsilon <= 3.0  # calibrated to the total target
+    # The release noise is not the job-seeded generator's either: same generator state, other noise.
+    a = torch.ones(5, 4)
+    r1 = d.release(a, torch.Generator().manual_seed(0), train=True)
+    r2 = d.release(a, torch.Generator().manual_seed(0), train=True)
+    assert not torch.equal(r1, r2)
     assert s.guarantee == "end-to-end" and "guarantee: end-to-end" in s.defences
     assert 0 <= s.extra["dp_sgd_head_probe_accuracy"] <= 1
 

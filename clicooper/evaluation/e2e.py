@@ -51,7 +51,7 @@ class HeadDpSettings:
     lr: float = 2.0
     momentum: float = 0.9
     head_fraction: float = 0.7
-    cosine_probe: bool = False
+    cosine_probe: bool = True
 
 
 @dataclass

@@ -32,7 +32,7 @@ from clicooper.privacy.accounting import (
     release_event,
 )
 from clicooper.privacy.activation_dp import clip_and_noise, clip_per_sample
-from clicooper.privacy.dp_sgd import DpSgdPlan
+from clicooper.privacy.dp_sgd import DpSgdPlan, secure_generator
 from clicooper.privacy.labels import LabelCodebook
 
 LEDGER = "privacy_ledger.json"
@@ -110,6 +110,9 @@ class DataOwnerDefences:
                         releases=total,
                     )
                 self.head_plan = DpSgdPlan(sgd_sigma, plan.clip, plan.sampling_rate, plan.steps)
+                # End-to-end: the release noise too comes from OS entropy, not from the job-seeded
+                # generator the data owner passes in (held in memory only, never checkpointed).
+                self._release_gen = secure_generator()
             elif sigma is None:
                 sigma = calibrate_noise_multiplier(
                     cfg.epsilon, cfg.delta, total, accountant=cfg.accountant, sampling_rate=self.sampling_rate
@@ -197,6 +200,8 @@ class DataOwnerDefences:
         if self.accountant is None:
             return a
         if train or self.cfg.noise_at_inference:
+            if self.head_plan is not None:
+                gen = self._release_gen
             return clip_and_noise(a, self.cfg.clip, self.accountant.noise_multiplier, gen)
         return clip_per_sample(a, self.cfg.clip)  # the model always sees clipped activations
 
