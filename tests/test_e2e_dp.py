@@ -231,3 +231,32 @@ def test_eval_e2e_quick(tmp_path):
     assert len(rows) == 1 and rows[0]["guarantee"] == "end-to-end"
     assert 1.9 <= rows[0]["epsilon"] <= 2.0 and rows[0]["steps"] == 8
     assert 0.0 <= rows[0]["linear_accuracy"] <= 1.0 and (tmp_path / "e2e.md").exists()
+
+
+def test_resumed_one_shot_end_to_end_release_is_accounted_again(digits):
+    """The release noise cannot be redrawn identically after a resume, so the new release counts."""
+    privacy = {"dp": True, "noise_multiplier": 6.0, "head_dp_noise_multiplier": 2.0}
+    privacy |= {"release": "one-shot", "guarantee": "end-to-end"}
+    cfg = tiny_config(privacy=privacy)
+
+    def defence():
+        return DataOwnerDefences(
+            cfg.privacy,
+            num_classes=10,
+            epochs=2,
+            n_train=1200,
+            batch_size=32,
+            poisson=False,
+            secret=b"s" * 32,
+        )
+
+    first = defence()
+    first.record_head_steps(first.head_plan.steps)
+    first.begin_round(0)
+    first.begin_round(1)  # same process: the cached release, no new cost
+    assert first.accountant.releases == 1
+    resumed = defence()
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.head_steps == first.head_plan.steps and resumed.accountant.releases == 1
+    resumed.begin_round(1)
+    assert resumed.accountant.releases == 2 and resumed.epsilon() > first.epsilon()

@@ -90,6 +90,7 @@ class DataOwnerDefences:
         self.accountant: ActivationAccountant | None = None
         self.head_plan: DpSgdPlan | None = None  # end-to-end: the head's DP-SGD run
         self.head_steps = 0  # DP-SGD steps taken so far (accounted)
+        self._released_here = False  # this process has made (and accounted) a release
         if cfg.dp:
             total = releases_per_run(cfg, epochs, self.steps_per_epoch, poisson and not self.one_shot)
             sigma = cfg.noise_multiplier
@@ -180,7 +181,12 @@ class DataOwnerDefences:
     # -- DataOwnerDefence -------------------------------------------------
     def begin_round(self, rnd: int) -> None:
         """Account for this round's releases before any of them happens (stop if over budget)."""
-        if self.accountant is None or (self.one_shot and self.accountant.releases >= 1):
+        if self.accountant is None:
+            return
+        # One-shot: released once per job. End-to-end draws its release noise from OS entropy, so a
+        # resumed process cannot redraw the same release: its (new) release is accounted again.
+        fresh_noise = self.head_plan is not None and not self._released_here
+        if self.one_shot and self.accountant.releases >= 1 and not fresh_noise:
             return
         events = 1 if self.one_shot else self.steps_per_epoch
         if self.head_plan is not None:
@@ -194,6 +200,7 @@ class DataOwnerDefences:
         else:
             check_budget(self.accountant, self.cfg.budget_epsilon, events)
         self.accountant.record_release(events)
+        self._released_here = True
         self._write_ledger()
 
     def release(self, a: torch.Tensor, gen: torch.Generator, *, train: bool) -> torch.Tensor:
