@@ -91,7 +91,7 @@ class PrivacySection(_Section):
     head_dp_clip: float = Field(1.0, gt=0)  # per-sample gradient L2 clip
     head_dp_lr: float = Field(2.0, gt=0)  # SGD with momentum, on the clipped gradients' mean
     head_dp_momentum: float = Field(0.9, ge=0, lt=1)
-    head_budget_fraction: float = Field(0.7, gt=0, lt=1)  # share of the total (Gaussian-DP mu^2)
+    head_budget_fraction: float = Field(0.8, gt=0, lt=1)  # share of the total (Gaussian-DP mu^2)
     head_dp_probe: Literal["cosine", "linear"] = "cosine"  # the throw-away probe trained with the head
     head_dp_noise_multiplier: float | None = Field(None, gt=0)  # with noise_multiplier, not epsilon
 
