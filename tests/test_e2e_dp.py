@@ -260,3 +260,12 @@ def test_resumed_one_shot_end_to_end_release_is_accounted_again(digits):
     assert resumed.head_steps == first.head_plan.steps and resumed.accountant.releases == 1
     resumed.begin_round(1)
     assert resumed.accountant.releases == 2 and resumed.epsilon() > first.epsilon()
+
+
+def test_example_config_is_end_to_end():
+    from pathlib import Path
+
+    from clicooper.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "examples" / "end_to_end.toml")
+    assert cfg.privacy.guarantee == "end-to-end" and cfg.model.head_pretrain_epochs == 0
