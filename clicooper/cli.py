@@ -115,7 +115,11 @@ def _print_summary(s: RunSummary, title: str) -> None:
     if s.mode != "centralized":
         t.add_row("trainers", str(s.n_trainers))
         t.add_row("defences", ", ".join(s.defences) or "none (plain split learning)")
-        eps = "not applicable (no DP)" if s.epsilon is None else f"{s.epsilon:.3f} (delta = {s.delta:g})"
+        eps = (
+            "not applicable (no DP)"
+            if s.epsilon is None
+            else f"{s.epsilon:.3f} (delta = {s.delta:g}; guarantee: {s.guarantee})"
+        )
         t.add_row("epsilon spent", eps)
         for hop, b in s.bytes_per_step.items():
             t.add_row(f"bytes/step {hop}", f"{b:,.0f}")
@@ -558,6 +562,46 @@ def eval_privacy(
     sweep = tuple(eps_sweep or ())
     md = run_privacy_eval(cfg, data, out, quick=quick, epsilon=epsilon, gamma=gamma, eps_sweep=sweep)
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
+
+
+@eval_app.command("e2e")
+def eval_e2e(
+    quick: Annotated[bool, typer.Option("--quick", help="Small subset, 1 DP-SGD epoch (for tests).")] = False,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/e2e"),
+    dataset: DatasetOpt = None,
+    path: PathOpt = None,
+    epsilon: Annotated[
+        list[float] | None, typer.Option(help="Total end-to-end epsilon target(s) (default 2).")
+    ] = None,
+    delta: Annotated[float, typer.Option(help="Delta of the total guarantee.")] = 1e-5,
+    head_fraction: Annotated[
+        float | None, typer.Option(help="Share of the budget (Gaussian-DP mu^2) for the head's DP-SGD.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="DP-SGD epochs of the head.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Expected Poisson batch size of DP-SGD.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Per-sample gradient clip norm.")] = None,
+    lr: Annotated[float | None, typer.Option(help="DP-SGD learning rate (SGD, momentum 0.9).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Zoo model whose block 0 is the head.")] = None,
+) -> None:
+    """End-to-end DP utility: DP-SGD head, one-shot noisy release, linear read-out; clean test accuracy."""
+    from dataclasses import replace
+
+    from clicooper.evaluation.e2e import HeadDpSettings, run_e2e, write_results
+
+    cfg = _eval_config(False, dataset, path)
+    data = _eval_data(cfg)
+    settings = HeadDpSettings()
+    if quick:
+        data = data.subset(2000, 500, seed=cfg.job.seed)
+        settings = replace(settings, epochs=1, batch_size=256)
+    given = {"head_fraction": head_fraction, "epochs": epochs, "batch_size": batch_size}
+    given |= {"grad_clip": grad_clip, "lr": lr, "arch": arch}
+    settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
+    results = [
+        run_e2e(data, epsilon=e, delta=delta, settings=settings, seed=cfg.job.seed, log=console.print)
+        for e in (epsilon or [2.0])
+    ]
+    console.print(f"report: {write_results(results, out)} (and {out / 'e2e.jsonl'})")
 
 
 def _attacked_job(config: Path | None, quick: bool):

@@ -158,6 +158,18 @@ class PrivacySection(_Section):
     gamma: StrictInt = Field(1, ge=1, le=64)
     label_policy: Literal["fixed", "per-epoch"] = "fixed"
     u_shaped: Bool = False
+    # Which guarantee the printed epsilon is. "activation": per-sample DP of the release given the
+    # head. "end-to-end": the head is trained with DP-SGD on the private data and composed with the
+    # release in one accountant; `epsilon` is then the total target, split by head_budget_fraction.
+    guarantee: Literal["activation", "end-to-end"] = "activation"
+    head_dp_epochs: StrictInt = Field(5, ge=1, le=10_000)
+    head_dp_batch_size: StrictInt = Field(1024, ge=1, le=2**24)  # expected Poisson batch: q = batch / n
+    head_dp_clip: float = Field(1.0, gt=0, le=1e6)  # per-sample gradient L2 clip
+    head_dp_lr: float = Field(2.0, gt=0, le=1e3)  # SGD with momentum, on the clipped gradients' mean
+    head_dp_momentum: float = Field(0.9, ge=0, lt=1)
+    head_budget_fraction: float = Field(0.8, gt=0, lt=1)  # share of the total (Gaussian-DP mu^2)
+    head_dp_probe: Literal["cosine", "linear"] = "cosine"  # the throw-away probe trained with the head
+    head_dp_noise_multiplier: float | None = Field(None, gt=0, le=1e6)  # with noise_multiplier, not epsilon
 
     @model_validator(mode="after")
     def _dp_params(self) -> PrivacySection:
@@ -169,6 +181,16 @@ class PrivacySection(_Section):
                 f"budget_epsilon {budget} is below the target epsilon {eps}: the configured run would "
                 "exceed its own budget"
             )
+        if self.guarantee == "end-to-end":
+            if not self.dp:
+                raise ValueError('guarantee = "end-to-end" needs dp = true')
+            if (self.noise_multiplier is None) != (self.head_dp_noise_multiplier is None):
+                raise ValueError(
+                    'guarantee = "end-to-end": give epsilon (both noises calibrated), or both '
+                    "noise_multiplier and head_dp_noise_multiplier"
+                )
+        elif self.head_dp_noise_multiplier is not None:
+            raise ValueError('head_dp_noise_multiplier is only used with guarantee = "end-to-end"')
         return self
 
 
@@ -227,6 +249,26 @@ class JobConfig(_Section):
         dataset = self.data.dataset.strip().lower().replace("_", "-")
         if dataset in TABULAR_DATASETS and m.arch != "mlp":
             raise ValueError(f"model.arch = {m.arch!r} is an image model; {dataset} is tabular (use mlp)")
+        return self
+
+    @model_validator(mode="after")
+    def _end_to_end(self) -> JobConfig:
+        """End-to-end DP holds only if nothing un-noised about the training set reaches the trainers."""
+        if self.privacy.guarantee != "end-to-end":
+            return self
+        if self.model.head_pretrain_epochs:
+            raise ValueError(
+                'guarantee = "end-to-end" trains the head with DP-SGD: model.head_pretrain_epochs must be 0'
+            )
+        if self.privacy.release == "per-step" and not self.model.freeze_head:
+            raise ValueError(
+                'guarantee = "end-to-end" with per-step release needs model.freeze_head = true '
+                "(un-noised head updates would leak through later releases); or use one-shot release"
+            )
+        if self.privacy.release == "per-step" and self.training.sampling == "poisson":
+            raise ValueError(
+                'guarantee = "end-to-end" with per-step release needs training.sampling = "shuffle"'
+            )
         return self
 
     def replace(self, **sections: dict) -> JobConfig:

@@ -37,6 +37,7 @@ from clicooper.models.cost import PartyCompute, SegmentWork, party_compute
 from clicooper.models.split import block_costs
 from clicooper.parties import DataOwner, Trainer, Verifier
 from clicooper.privacy.defence import DataOwnerDefences
+from clicooper.privacy.dp_sgd import DpSgdPlan, dp_sgd_train
 from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
 from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
 from clicooper.provenance.stage import StageProvenance
@@ -67,6 +68,8 @@ class RunSummary:
     run_dir: str | None = None
     compute: list[dict] = field(default_factory=list)  # per party: params, training multiply-adds, share
     extra: dict = field(default_factory=dict)
+    # What `epsilon` covers: "activation-level (given the head)" or "end-to-end" (None without DP).
+    guarantee: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -171,6 +174,49 @@ def pretrain_head(head: nn.Module, data: DatasetSplits, cfg: JobConfig) -> None:
             sched.step()
 
 
+class NormalizedProbe(nn.Module):
+    """The head's throw-away linear probe, reading L2-normalised activations (scaled by 10): what
+    clipping at C leaves of the direction, as in `pretrain_head`. `cosine`: the class weights are
+    normalised too (no bias), so classes are directions and a nearest-class-mean read-out of the
+    release matches what the head was trained for."""
+
+    def __init__(self, dim: int, num_classes: int, cosine: bool = False) -> None:
+        super().__init__()
+        self.cosine = cosine
+        self.linear = nn.Linear(dim, num_classes, bias=not cosine)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.flatten(1)
+        a = 10 * a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if not self.cosine:
+            return self.linear(a)
+        w = self.linear.weight
+        return a @ (w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
+
+
+def train_head_dp_sgd(
+    head: nn.Module,
+    data: DatasetSplits,
+    plan: DpSgdPlan,
+    *,
+    lr: float,
+    momentum: float,
+    cosine_probe: bool = False,
+    on_step: StepCallback | None = None,
+) -> tuple[int, float]:
+    """Train the head and a throw-away probe with DP-SGD on the data owner's data (end-to-end DP).
+
+    The probe is trained under the same DP-SGD run (its weights shape the head's updates) and then
+    dropped. Returns (steps taken, the probe's test accuracy, for reporting only).
+    """
+    with torch.no_grad():
+        dim = head(data.train_x[:1]).flatten(1).shape[1]
+    model = nn.Sequential(head, NormalizedProbe(dim, data.num_classes, cosine_probe))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    steps = dp_sgd_train(model, F.cross_entropy, data.train_x, data.train_y, plan, opt, on_step=on_step)
+    return steps, evaluate_model(model, data.test_x, data.test_y)
+
+
 def build_defence(cfg: JobConfig, data: DatasetSplits, run_dir: Path | None) -> DataOwnerDefences | None:
     """The data owner's defences from `[privacy]`, or None for the plain chain. The codebook secret is
     kept in the data owner's own folder (mode 0600), apart from every checkpoint."""
@@ -249,6 +295,20 @@ class ChainJob:
             pretrain_head(head, data, cfg)
         if defence is FROM_CONFIG:
             defence = build_defence(cfg, data, run_dir)
+        self.head_probe_accuracy: float | None = None
+        head_plan = getattr(defence, "head_plan", None)
+        if head_plan is not None:  # end-to-end DP: the head is trained with DP-SGD, then frozen
+            p = cfg.privacy
+            steps, probe_acc = train_head_dp_sgd(
+                head,
+                data,
+                head_plan,
+                lr=p.head_dp_lr,
+                momentum=p.head_dp_momentum,
+                cosine_probe=p.head_dp_probe == "cosine",
+            )
+            defence.record_head_steps(steps)
+            self.head_probe_accuracy = probe_acc
         trainer_segs = segs[1 : len(segs) - int(self.plan.u_shaped)]
         names = [f"trainer_{i + 1}" for i in range(len(trainer_segs))]
         self.defence = defence
@@ -492,9 +552,12 @@ class ChainJob:
             bytes_per_step=hops,
             defences=list(getattr(self.defence, "names", [])) if self.defence else [],
             run_dir=str(self.run_dir) if self.run_dir else None,
+            guarantee=getattr(self.defence, "guarantee", None) if self.defence else None,
         )
         s.extra["split_bounds"] = list(self.plan.bounds)
         s.compute = [c.to_json() for c in self.compute()]
+        if self.head_probe_accuracy is not None:
+            s.extra["dp_sgd_head_probe_accuracy"] = self.head_probe_accuracy
         priv = self._privacy_row()
         s.epsilon, s.delta = priv.get("epsilon"), priv.get("delta")
         if self.run_dir is not None:

@@ -298,6 +298,7 @@ def run_privacy_eval(
         results[name] = {
             "test_accuracy": job.data_owner.evaluate("test", tag="privacy-eval"),
             "epsilon": job.defence.epsilon() if job.defence is not None else None,
+            "guarantee": getattr(job.defence, "guarantee", None),
             "clustering": clustering_rows(obs, data, g, seed, max_samples),
             "inversion": inv,
             "extraction": extraction_rows(job, c, data, aux, test, sizes, quick, seed),
@@ -346,6 +347,7 @@ def _write_report(cfg, data, out, results, grids, sweep, quick, epsilon, gamma) 
                 "defence": name,
                 "test_accuracy": res["test_accuracy"],
                 "epsilon": res["epsilon"],
+                "guarantee": res.get("guarantee"),
                 "clustering_success_activations": _best_success(res["clustering"], "activations"),
                 "clustering_success_gradients": _best_success(res["clustering"], "gradients"),
                 "clustering_success_pseudo_labels": _best_success(res["clustering"], "pseudo"),

@@ -81,6 +81,35 @@ def small_cnn_dp(
     )
 
 
+def small_cnn_e2e(
+    input_shape: tuple[int, ...], num_outputs: int, embed: int = 16, act: type[nn.Module] = nn.Tanh
+) -> nn.Sequential:
+    """`small_cnn_dp` with a head made for DP-SGD (end-to-end DP): the Fashion-MNIST CNN of Tramer &
+    Boneh (ICLR 2021) - strided 8x8 and 4x4 convolutions, tanh (bounded activations keep clipped
+    gradients informative) - ending in the same `embed`-number release. ~17k head parameters, no
+    normalisation layer that mixes samples (per-sample gradients need none)."""
+    c, h, w = input_shape
+    h1, w1 = (h + 6 - 8) // 2 + 1 - 1, (w + 6 - 8) // 2 + 1 - 1  # conv 8/2 pad 3, maxpool 2/1
+    h2, w2 = (h1 - 4) // 2 + 1 - 1, (w1 - 4) // 2 + 1 - 1  # conv 4/2, maxpool 2/1
+    if h2 < 1 or w2 < 1:
+        raise ValueError(f"small-cnn-e2e needs images of at least 16x16, got {h}x{w}")
+    return nn.Sequential(
+        nn.Sequential(
+            nn.Conv2d(c, 16, 8, stride=2, padding=3),
+            act(),
+            nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, stride=2),
+            act(),
+            nn.MaxPool2d(2, 1),
+            nn.Flatten(),
+            nn.Linear(32 * h2 * w2, embed),
+        ),
+        nn.Sequential(nn.Linear(embed, 256), nn.ReLU()),
+        nn.Sequential(nn.Linear(256, 256), nn.ReLU()),
+        nn.Sequential(nn.Linear(256, num_outputs)),
+    )
+
+
 class ResidualBlock(nn.Module):
     """The basic two-convolution residual block of ResNet (He et al. 2016)."""
 
@@ -131,6 +160,7 @@ ModelFactory = Callable[[tuple[int, ...], int], nn.Sequential]
 MODELS: dict[str, ModelFactory] = {
     "small-cnn": small_cnn,
     "small-cnn-dp": small_cnn_dp,
+    "small-cnn-e2e": small_cnn_e2e,
     "resnet-cifar": resnet_cifar,
     "mlp": mlp,
 }

@@ -297,3 +297,121 @@ def calibrate_noise_multiplier(
         else:
             hi = mid
     return hi
+
+
+# -- end-to-end: the head's DP-SGD and the activation release in one accountant ---------------
+#
+# Neighbouring relation: replace-one, as for the release alone. dp-accounting's PLD accountant
+# under REPLACE_ONE reads a GaussianDpEvent(s) as the pair N(-1, s^2) vs N(1, s^2), i.e. a per-record
+# norm bound of 1 (distance 2), and a PoissonSampledDpEvent(q, GaussianDpEvent(s)) as
+# q N(-1, s^2) + (1-q) N(0, s^2) vs q N(1, s^2) + (1-q) N(0, s^2): the target record is in the batch
+# with probability q in both data sets, and contributes a vector of norm <= 1 in either. Both are
+# exactly our mechanisms with noise multipliers relative to the clip norm (release: activation
+# clipped to C, noise sigma*C; DP-SGD: per-sample gradient clipped to C_g, noise sigma_sgd*C_g on
+# the sum), so under REPLACE_ONE both events take the multipliers as they are (no factor 2 by
+# hand), and the release event is the same one `compute_epsilon` accounts (a test checks this).
+
+E2E_RELATION = dpa.NeighboringRelation.REPLACE_ONE
+
+
+def head_dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dpa.DpEvent:
+    """`steps` DP-SGD steps with Poisson sampling at rate q and noise multiplier sigma_sgd."""
+    return dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier)), steps
+    )
+
+
+def release_event(noise_multiplier: float, releases: int = 1) -> dpa.DpEvent:
+    """`releases` full releases of the clipped activations with noise multiplier sigma (REPLACE_ONE)."""
+    return dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise_multiplier), releases)
+
+
+def end_to_end_event(
+    sgd_noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    release_noise_multiplier: float,
+    releases: int = 1,
+) -> dpa.DpEvent:
+    """Everything the trainers receive about the training set: the DP-SGD head, then its releases."""
+    return dpa.ComposedDpEvent(
+        [
+            head_dp_sgd_event(sgd_noise_multiplier, sampling_rate, steps),
+            release_event(release_noise_multiplier, releases),
+        ]
+    )
+
+
+def event_epsilon(event: dpa.DpEvent, delta: float, *, discretization: float = 1e-4) -> float:
+    """Epsilon of `event` at `delta`, by dp-accounting's PLD accountant under REPLACE_ONE.
+
+    `discretization` is the PLD's value discretization interval (dp-accounting's default 1e-4;
+    the estimate is pessimistic at any interval, coarser is faster and looser).
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    acc = PLDAccountant(neighboring_relation=E2E_RELATION, value_discretization_interval=discretization)
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def _sgd_sigma_for_mu(mu: float, sampling_rate: float, steps: int) -> float:
+    """sigma_sgd whose Gaussian-DP (CLT) parameter is mu: q*sqrt(T*(exp((2/sigma)^2)-1)) = mu.
+
+    Only *defines* the budget split (mu^2 adds up under composition); every epsilon is exact PLD.
+    """
+    ratio = (mu / sampling_rate) ** 2 / steps
+    return 2.0 / math.sqrt(math.log1p(ratio))
+
+
+def split_noise(mu: float, head_fraction: float, sampling_rate: float, steps: int) -> tuple[float, float]:
+    """(sigma_sgd, sigma_release) giving the head a fraction `head_fraction` of mu^2, the release the rest.
+
+    mu is a Gaussian-DP-style scale (release: mu_r = 2/sigma, exact; DP-SGD: the CLT mu of
+    Dong, Roth & Su 2019). Since mu^2 adds up under composition, `head_fraction` is the share of the
+    total privacy loss spent on training the head, in that currency.
+    """
+    if not 0 < head_fraction < 1:
+        raise ValueError(f"head budget fraction must lie in (0, 1), got {head_fraction}")
+    mu_h, mu_r = mu * math.sqrt(head_fraction), mu * math.sqrt(1 - head_fraction)
+    return _sgd_sigma_for_mu(mu_h, sampling_rate, steps), 2.0 / mu_r
+
+
+def calibrate_end_to_end(
+    target_epsilon: float,
+    delta: float,
+    *,
+    sampling_rate: float,
+    steps: int,
+    head_fraction: float,
+    releases: int = 1,
+) -> tuple[float, float]:
+    """(sigma_sgd, sigma_release) whose composed end-to-end epsilon is at most `target_epsilon`.
+
+    A 1-D search over mu (the split is fixed by `head_fraction`) with dp-accounting's own
+    `calibrate_dp_mechanism` (Brent's method on the composed event, PLD, REPLACE_ONE); the returned
+    point is checked (and nudged towards more noise if needed) so the run's own epsilon is <= target.
+    """
+    if not target_epsilon > 0 or math.isinf(target_epsilon):
+        raise ValueError(f"target epsilon must be positive and finite, got {target_epsilon}")
+    if not 0 < sampling_rate <= 1 or steps < 1 or releases < 1:
+        raise ValueError("need 0 < sampling_rate <= 1, steps >= 1 and releases >= 1")
+
+    def event(mu: float) -> dpa.DpEvent:
+        s_sgd, s_rel = split_noise(mu, head_fraction, sampling_rate, steps)
+        return end_to_end_event(s_sgd, sampling_rate, steps, s_rel, releases)
+
+    # Search with a coarse (still pessimistic) PLD in a bracket around the Gaussian-DP guess, then
+    # check at the default accuracy, which is what the run reports.
+    mu0 = 1.0 / dpa.get_sigma_gaussian(target_epsilon, delta)
+    mu = dpa.calibrate_dp_mechanism(
+        lambda: PLDAccountant(neighboring_relation=E2E_RELATION, value_discretization_interval=1e-3),
+        event,
+        target_epsilon,
+        delta,
+        bracket_interval=dpa.LowerEndpointAndGuess(0.05 * mu0, mu0),
+        tol=1e-3 * mu0,
+    )
+    while event_epsilon(event(mu), delta) > target_epsilon:
+        mu *= 0.998
+    return split_noise(mu, head_fraction, sampling_rate, steps)

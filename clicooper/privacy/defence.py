@@ -18,18 +18,53 @@ happen that the ledger does not count.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
+import dp_accounting as dpa
 import torch
 
 from clicooper.checkpoint import atomic_write_json
 from clicooper.config import PrivacySection, ResumeError
-from clicooper.privacy.accounting import ActivationAccountant, calibrate_noise_multiplier, check_budget
+from clicooper.privacy.accounting import (
+    ActivationAccountant,
+    BudgetExceeded,
+    calibrate_end_to_end,
+    calibrate_noise_multiplier,
+    check_budget,
+    event_epsilon,
+    head_dp_sgd_event,
+    release_event,
+)
 from clicooper.privacy.activation_dp import clip_and_noise, clip_per_sample
+from clicooper.privacy.dp_sgd import DpSgdPlan
 from clicooper.privacy.labels import LabelCodebook
 
 LEDGER = "privacy_ledger.json"
+
+# What the printed epsilon covers (config value -> the name every summary and report prints).
+GUARANTEES = {"activation": "activation-level (given the head)", "end-to-end": "end-to-end"}
+
+
+def guarantee_name(cfg: PrivacySection) -> str | None:
+    """The guarantee a job with this [privacy] section prints; None without activation DP."""
+    return GUARANTEES[cfg.guarantee] if cfg.dp else None
+
+
+@functools.lru_cache(maxsize=256)
+def end_to_end_epsilon(
+    sgd_sigma: float, sampling_rate: float, steps: int, release_sigma: float, releases: int, delta: float
+) -> float:
+    """Composed epsilon of `steps` DP-SGD steps and `releases` releases (PLD, replace-one); cached."""
+    events = []
+    if steps:
+        events.append(head_dp_sgd_event(sgd_sigma, sampling_rate, steps))
+    if releases:
+        events.append(release_event(release_sigma, releases))
+    if not events:
+        return 0.0
+    return event_epsilon(events[0] if len(events) == 1 else dpa.ComposedDpEvent(events), delta)
 
 
 def releases_per_run(cfg: PrivacySection, epochs: int, steps_per_epoch: int, poisson: bool) -> int:
@@ -60,10 +95,29 @@ class DataOwnerDefences:
         self.sampling_rate = batch_size / n_train if (poisson and not self.one_shot) else None
         self.ledger_dir = ledger_dir
         self.accountant: ActivationAccountant | None = None
+        self.head_plan: DpSgdPlan | None = None  # end-to-end: the head's DP-SGD run
+        self.head_steps = 0  # DP-SGD steps taken so far (accounted)
         if cfg.dp:
             total = releases_per_run(cfg, epochs, self.steps_per_epoch, poisson and not self.one_shot)
             sigma = cfg.noise_multiplier
-            if sigma is None:
+            if cfg.guarantee == "end-to-end":
+                if self.sampling_rate is not None:
+                    raise ValueError("end-to-end accounting needs one-shot or shuffled per-step release")
+                plan = DpSgdPlan.for_epochs(
+                    n_train, min(cfg.head_dp_batch_size, n_train), cfg.head_dp_epochs, 0.0, cfg.head_dp_clip
+                )
+                sgd_sigma = cfg.head_dp_noise_multiplier
+                if sigma is None:
+                    sgd_sigma, sigma = calibrate_end_to_end(
+                        cfg.epsilon,
+                        cfg.delta,
+                        sampling_rate=plan.sampling_rate,
+                        steps=plan.steps,
+                        head_fraction=cfg.head_budget_fraction,
+                        releases=total,
+                    )
+                self.head_plan = DpSgdPlan(sgd_sigma, plan.clip, plan.sampling_rate, plan.steps)
+            elif sigma is None:
                 sigma = calibrate_noise_multiplier(
                     cfg.epsilon, cfg.delta, total, accountant=cfg.accountant, sampling_rate=self.sampling_rate
                 )
@@ -89,6 +143,34 @@ class DataOwnerDefences:
         return self.accountant.noise_multiplier if self.accountant else None
 
     @property
+    def guarantee(self) -> str | None:
+        """What the printed epsilon covers: "activation-level (given the head)" or "end-to-end"."""
+        return guarantee_name(self.cfg)
+
+    def record_head_steps(self, steps: int) -> None:
+        """Account `steps` DP-SGD steps of the head (end-to-end only); call as they are taken."""
+        if self.head_plan is None:
+            raise ValueError("no DP-SGD head in this job (guarantee is not end-to-end)")
+        if steps < 0 or self.head_steps + steps > self.head_plan.steps:
+            raise ValueError(
+                f"DP-SGD steps {self.head_steps}+{steps} outside the plan's {self.head_plan.steps}"
+            )
+        self.head_steps += int(steps)
+        self._write_ledger()
+
+    def _e2e_epsilon(self, releases: int) -> float:
+        p = self.head_plan
+        assert p is not None and self.accountant is not None
+        return end_to_end_epsilon(
+            p.noise_multiplier,
+            p.sampling_rate,
+            self.head_steps,
+            self.accountant.noise_multiplier,
+            releases,
+            self.delta,
+        )
+
+    @property
     def names(self) -> list[str]:
         out = []
         if self.accountant is not None:
@@ -98,6 +180,13 @@ class DataOwnerDefences:
             out.append(
                 f"activation DP ({mode}, sigma={self.accountant.noise_multiplier:.3f}, C={self.cfg.clip})"
             )
+            if self.head_plan is not None:
+                p = self.head_plan
+                out.append(
+                    f"DP-SGD head (sigma={p.noise_multiplier:.3f}, q={p.sampling_rate:.4f}, "
+                    f"steps={p.steps}, C_g={p.clip})"
+                )
+            out.append(f"guarantee: {self.guarantee}")
         if self.codebook is not None:
             out.append(f"secret label expansion (gamma={self.cfg.gamma}, {self.cfg.label_policy})")
         if self.cfg.u_shaped:
@@ -120,7 +209,17 @@ class DataOwnerDefences:
             self._record(1)
 
     def _record(self, events: int) -> None:
-        check_budget(self.accountant, self.cfg.budget_epsilon, events)
+        """Check the budget for `events` more releases under this job's guarantee, then count them."""
+        if self.head_plan is not None:
+            after = self._e2e_epsilon(self.accountant.releases + events)
+            budget = self.cfg.budget_epsilon
+            if budget is not None and after > budget:
+                raise BudgetExceeded(
+                    f"privacy budget: the next release would bring the end-to-end epsilon to {after:.4f} "
+                    f"at delta={self.delta:g}, over the budget of {budget:g}; stopped before releasing"
+                )
+        else:
+            check_budget(self.accountant, self.cfg.budget_epsilon, events)
         self.accountant.record_release(events)
         self._write_ledger()
 
@@ -142,25 +241,55 @@ class DataOwnerDefences:
         return self.codebook.decode_logits(logits) if self.codebook is not None else logits
 
     def epsilon(self) -> float | None:
-        return self.accountant.epsilon() if self.accountant is not None else None
+        """Spent epsilon under `self.guarantee`: the release alone, or DP-SGD head + releases composed."""
+        if self.accountant is None:
+            return None
+        if self.head_plan is not None:
+            return self._e2e_epsilon(self.accountant.releases)
+        return self.accountant.epsilon()
 
     # -- state (the codebook secret is stored separately, never here) ------
+    def _head_state(self) -> dict | None:
+        if self.head_plan is None:
+            return None
+        p = self.head_plan
+        return {
+            "noise_multiplier": p.noise_multiplier,
+            "sampling_rate": p.sampling_rate,
+            "clip": p.clip,
+            "planned_steps": p.steps,
+            "steps": self.head_steps,
+        }
+
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict() if self.accountant else None}
+        state = {"accountant": self.accountant.state_dict() if self.accountant else None}
+        if self.head_plan is not None:
+            state["head_dp_sgd"] = self._head_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.accountant is None:
             return
         self.accountant.load_state_dict(state["accountant"])
+        if self.head_plan is not None:
+            head = state.get("head_dp_sgd")
+            mine = self._head_state()
+            assert mine is not None
+            if head is None or {k: head.get(k) for k in mine if k != "steps"} != {
+                k: v for k, v in mine.items() if k != "steps"
+            }:
+                raise ValueError(f"checkpoint's DP-SGD head state {head} is for a different mechanism")
+            self.head_steps = max(self.head_steps, int(head["steps"]))
         ledger = self._read_ledger()
         if ledger is not None and ledger["releases"] > self.accountant.releases:
             self.accountant.load_state_dict(ledger)  # releases made after the checkpoint still count
 
     def _write_ledger(self) -> None:
         if self.ledger_dir is not None and self.accountant is not None:
-            atomic_write_json(
-                self.ledger_dir / LEDGER, {**self.accountant.state_dict(), "mechanism": self.mechanism}
-            )
+            doc = {**self.accountant.state_dict(), "mechanism": self.mechanism}
+            if self.head_plan is not None:
+                doc["head_dp_sgd"] = self._head_state()
+            atomic_write_json(self.ledger_dir / LEDGER, doc)
 
     def _read_ledger(self) -> dict | None:
         path = self.ledger_dir / LEDGER if self.ledger_dir is not None else None
