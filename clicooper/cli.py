@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -41,6 +40,9 @@ DEMO = {
     "privacy": {"dp": True, "epsilon": 2.0, "delta": 1e-5, "release": "one-shot", "gamma": 2},
     "watermark": {"enabled": True},
 }
+# Label DP of the defended job (randomized response with a prior); chosen from the measurements in
+# EXPERIMENTS.md, section 7.
+DEFAULT_LABEL_EPSILON = 2.0
 # Quick: a subset, but enough optimiser steps per round (~125) for every watermark to embed.
 QUICK = {"data": {"train_subset": 4000, "test_subset": 500}, "training": {"epochs": 2, "batch_size": 32}}
 # The undefended reference job (issue 2's accuracy and speed targets): small CNN, plain chain.
@@ -87,6 +89,8 @@ def _print_summary(s: RunSummary, title: str) -> None:
         t.add_row("defences", ", ".join(s.defences) or "none (plain split learning)")
         eps = "not applicable (no DP)" if s.epsilon is None else f"{s.epsilon:.3f} (delta = {s.delta:g})"
         t.add_row("epsilon spent", eps)
+        leps = "not applicable (no label DP)" if s.label_epsilon is None else f"{s.label_epsilon:g}"
+        t.add_row("label epsilon spent", leps + ("" if s.label_epsilon is None else " (pure, delta = 0)"))
         for hop, b in s.bytes_per_step.items():
             t.add_row(f"bytes/step {hop}", f"{b:,.0f}")
     if s.run_dir:
@@ -364,16 +368,64 @@ def eval_privacy(
     eps_sweep: Annotated[
         list[float] | None, typer.Option("--eps-sweep", help="Also train full CliCooper at these epsilons.")
     ] = None,
+    label_epsilon: Annotated[
+        float | None, typer.Option("--label-epsilon", help="Label DP of the '+ label DP' rows.")
+    ] = DEFAULT_LABEL_EPSILON,
 ) -> None:
-    """Attacks x defences: clustering, inversion and extraction against no defence, DP only, label
-    expansion only, full CliCooper and U-shaped; Markdown/HTML report with figures."""
+    """Attacks x defences: clustering, inversion and extraction against the undefended default job, no
+    defence on the defended job's model, DP only, label expansion only, full CliCooper (with and without
+    label DP) and U-shaped (with and without label DP); Markdown/HTML report with figures."""
     from clicooper.evaluation.privacy import run_privacy_eval
 
     cfg = _eval_config(quick, dataset, path)
+    plain = _eval_config(quick, dataset, path, base=PLAIN)
     data = _eval_data(cfg)
     sweep = tuple(eps_sweep or ())
-    md = run_privacy_eval(cfg, data, out, quick=quick, epsilon=epsilon, gamma=gamma, eps_sweep=sweep)
+    md = run_privacy_eval(
+        cfg,
+        data,
+        out,
+        quick=quick,
+        epsilon=epsilon,
+        gamma=gamma,
+        eps_sweep=sweep,
+        label_epsilon=label_epsilon,
+        default_job=plain,
+    )
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
+
+
+@eval_app.command("label-dp")
+def eval_label_dp(
+    quick: QuickOpt = False,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/label-dp"),
+    dataset: DatasetOpt = None,
+    path: PathOpt = None,
+    config: Annotated[Path | None, typer.Option(help="TOML job to evaluate (default: the demo job).")] = None,
+    label_epsilons: Annotated[
+        list[float] | None,
+        typer.Option("--label-epsilon", help="Label epsilons to measure (repeat); 'none' is always added."),
+    ] = None,
+    train_subset: Annotated[
+        int | None, typer.Option("--train-subset", help="Train on a seeded subset (test set whole).")
+    ] = None,
+    u_shaped: Annotated[bool, typer.Option(help="Also measure U-shaped mode.")] = True,
+) -> None:
+    """Label DP: accuracy and clustering success on gradients and pseudo-labels (1 and 5 known labels per
+    class) for label epsilon in {1, 2, 4, 8, none}, with the bound the epsilons imply; CSV and report."""
+    from clicooper.evaluation.label_dp import LABEL_EPSILONS, run_label_dp_eval
+
+    try:
+        base = load_config(config).model_dump(mode="json") if config is not None else None
+    except ConfigError as e:
+        _fail(str(e))
+    cfg = _eval_config(quick, dataset, path, base=base)
+    data = _eval_data(cfg)
+    if train_subset is not None:
+        data = data.subset(train_subset, None, seed=cfg.job.seed)
+    eps = (*label_epsilons, None) if label_epsilons else LABEL_EPSILONS
+    md = run_label_dp_eval(cfg, data, out, quick=quick, label_epsilons=eps, u_shaped=u_shaped)
+    console.print(f"report: {md} (CSV: {out / 'label_dp.csv'})")
 
 
 def _attacked_job(config: Path | None, quick: bool):
@@ -404,37 +456,44 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="TOML job configuration (
 
 @attack_app.command("clustering")
 def attack_clustering(config: ConfigArg = None, quick: QuickOpt = False) -> None:
-    """Liu & Lyu clustering label inference at every trainer position (activations, gradients)."""
-    from clicooper.evaluation.privacy import clustering_rows
+    """Liu & Lyu clustering label inference at every position (activations, gradients, pseudo-labels)."""
+    from clicooper.evaluation.privacy import KNOWN_PER_CLASS, Epsilons, clustering_rows
 
     cfg, data, job, obs = _attacked_job(config, quick)
-    _print_rows(
-        "clustering label inference", clustering_rows(obs, data, cfg.privacy.gamma, cfg.job.seed, 5000)
+    rows = clustering_rows(
+        obs,
+        data,
+        cfg.privacy.gamma,
+        cfg.job.seed,
+        500 if quick else 5000,  # as in `eval privacy`
+        known_per_class=KNOWN_PER_CLASS,
+        epsilons=Epsilons.of(job),
     )
+    _print_rows("clustering label inference (success bound: what the epsilons imply)", rows)
 
 
 @attack_app.command("inversion")
 def attack_inversion(config: ConfigArg = None, quick: QuickOpt = False) -> None:
     """White-box rMLE and black-box decoder reconstruction of private inputs at trainer 1."""
-    from clicooper.evaluation.privacy import inversion_rows
+    from clicooper.evaluation.privacy import attacker_split, inversion_rows
 
     cfg, data, job, obs = _attacked_job(config, quick)
-    aux = data.test_x[: len(data.test_x) // 2]
-    row, *_ = inversion_rows(job, obs, data, aux, 8 if quick else 64, quick, cfg.job.seed)
-    _print_rows("inversion at trainer 1 (SSIM/PSNR against the private images)", [row])
+    aux, _ = attacker_split(data, cfg.job.seed)  # the same split as `eval privacy`
+    row, *_ = inversion_rows(job, obs, data, aux[0], 8 if quick else 64, quick, cfg.job.seed, aux_y=aux[1])
+    _print_rows(  # one line per metric: the trivial guesses beside the attacks
+        "inversion at trainer 1 (SSIM/PSNR against the private images)",
+        [{"metric": k, "value": v} for k, v in row.items()],
+    )
 
 
 @attack_app.command("extraction")
 def attack_extraction(config: ConfigArg = None, quick: QuickOpt = False) -> None:
     """Model completion by trainer 1 alone and by the coalition, from 0..n auxiliary labels."""
-    from clicooper.evaluation.privacy import extraction_rows
+    from clicooper.evaluation.privacy import attacker_split, extraction_rows
 
     cfg, data, job, _ = _attacked_job(config, quick)
-    half = len(data.test_x) // 2
-    perm = torch.randperm(len(data.test_x), generator=torch.Generator().manual_seed(cfg.job.seed))
-    aux = (data.test_x[perm[:half]], data.test_y[perm[:half]])
-    test = (data.test_x[perm[half:]], data.test_y[perm[half:]])
-    sizes = [0, 50] if quick else [0, 100, 1000]
+    aux, test = attacker_split(data, cfg.job.seed)  # the same split as `eval privacy`
+    sizes = [n for n in ([0, 50] if quick else [0, 100, 1000]) if n <= len(aux[0])]
     _print_rows(
         "model extraction (surrogate accuracy)",
         extraction_rows(job, cfg, data, aux, test, sizes, quick, cfg.job.seed),

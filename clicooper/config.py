@@ -82,6 +82,9 @@ class PrivacySection(_Section):
     gamma: int = Field(1, ge=1, le=64)
     label_policy: Literal["fixed", "per-epoch"] = "fixed"
     u_shaped: bool = False
+    # label DP: randomized response with a prior (Ghazi et al. 2021) on every label before it leaves
+    # the data owner (and, in U-shaped mode, on the labels of its own loss); None = off
+    label_epsilon: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _dp_params(self) -> PrivacySection:

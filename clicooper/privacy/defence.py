@@ -21,6 +21,8 @@ from clicooper.checkpoint import atomic_write_json
 from clicooper.config import PrivacySection
 from clicooper.privacy.accounting import ActivationAccountant, calibrate_noise_multiplier, check_budget
 from clicooper.privacy.activation_dp import clip_and_noise, clip_per_sample
+from clicooper.privacy.label_accounting import LabelAccountant
+from clicooper.privacy.label_dp import LabelRandomizer, new_label_key
 from clicooper.privacy.labels import LabelCodebook
 
 LEDGER = "privacy_ledger.json"
@@ -45,6 +47,7 @@ class DataOwnerDefences:
         poisson: bool,
         secret: bytes,
         ledger_dir: Path | None = None,
+        label_key: bytes | None = None,
     ) -> None:
         self.cfg = cfg
         self.one_shot = cfg.dp and cfg.release == "one-shot"
@@ -64,6 +67,13 @@ class DataOwnerDefences:
                 sigma, cfg.delta, accountant=cfg.accountant, sampling_rate=self.sampling_rate
             )
         self.codebook = LabelCodebook.from_secret(secret, num_classes, cfg.gamma) if cfg.gamma > 1 else None
+        # label DP: OS-random key (never the job seed or the codebook secret); one release per sample
+        self.label_dp: LabelRandomizer | None = None
+        self.label_accountant: LabelAccountant | None = None
+        if cfg.label_epsilon is not None:
+            key = label_key if label_key is not None else new_label_key()
+            self.label_dp = LabelRandomizer(key, num_classes, cfg.label_epsilon)
+            self.label_accountant = LabelAccountant(cfg.label_epsilon)
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -81,6 +91,8 @@ class DataOwnerDefences:
             )
         if self.codebook is not None:
             out.append(f"secret label expansion (gamma={self.cfg.gamma}, {self.cfg.label_policy})")
+        if self.label_dp is not None:
+            out.append(f"label DP (randomized response with prior, epsilon={self.label_dp.epsilon:g})")
         if self.cfg.u_shaped:
             out.append("U-shaped (labels stay with the data owner)")
         return out
@@ -102,7 +114,12 @@ class DataOwnerDefences:
             return clip_and_noise(a, self.cfg.clip, self.accountant.noise_multiplier, gen)
         return clip_per_sample(a, self.cfg.clip)  # the model always sees clipped activations
 
+    def privatize_labels(self, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The labels as the label-DP release has them (the true ones without label DP)."""
+        return self.label_dp.privatize(y, ids) if self.label_dp is not None else y
+
     def encode_labels(self, y: torch.Tensor, ids: torch.Tensor, rnd: int) -> torch.Tensor:
+        y = self.privatize_labels(y, ids)
         if self.codebook is None:
             return y
         return self.codebook.encode(y, ids, policy=self.cfg.label_policy, epoch=rnd)
@@ -113,11 +130,23 @@ class DataOwnerDefences:
     def epsilon(self) -> float | None:
         return self.accountant.epsilon() if self.accountant is not None else None
 
+    def label_epsilon(self) -> float | None:
+        """Label DP spent (pure DP, paid once per sample), None without label DP."""
+        return self.label_accountant.epsilon if self.label_accountant is not None else None
+
     # -- state (the codebook secret is stored separately, never here) ------
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict() if self.accountant else None}
+        out: dict = {"accountant": self.accountant.state_dict() if self.accountant else None}
+        if self.label_accountant is not None:
+            out["label_dp"] = {**self.label_accountant.state_dict(), "key": self.label_dp.fingerprint()}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
+        if self.label_accountant is not None and state.get("label_dp") is not None:
+            saved = dict(state["label_dp"])
+            if saved.pop("key") != self.label_dp.fingerprint():
+                raise ValueError("label DP key differs from the checkpoint's: the labels would be redrawn")
+            self.label_accountant.check_state(saved)
         if self.accountant is None:
             return
         self.accountant.load_state_dict(state["accountant"])
