@@ -93,6 +93,17 @@ class PrivacySection(_Section):
         return self
 
 
+# [privacy] overrides that switch every defence off (the undefended chain); a new defence adds its field here
+NO_DEFENCES: dict = {
+    "dp": False,
+    "epsilon": None,
+    "noise_multiplier": None,
+    "gamma": 1,
+    "u_shaped": False,
+    "label_epsilon": None,
+}
+
+
 class WatermarkSection(_Section):
     enabled: bool = False
     n_bits: int = Field(128, ge=16, le=4096)

@@ -121,6 +121,7 @@ def test_demo_quick_end_to_end(tmp_path):
     # it learned: above chance (0.1 on 500 test samples) by more than 3 standard errors
     assert summary["test_accuracy"] > 0.1 + 3 * (0.1 * 0.9 / 500) ** 0.5, summary["test_accuracy"]
     assert 0 < summary["epsilon"] <= 2.0 + 1e-6 and summary["delta"] == 1e-5
+    assert "label_epsilon" in summary and "label epsilon spent" in result.output  # printed in every summary
     assert any("activation DP" in d for d in summary["defences"]) and any(
         "label" in d for d in summary["defences"]
     )

@@ -37,7 +37,7 @@ from clicooper.attacks import (  # noqa: E402
     whitebox_inversion,
 )
 from clicooper.attacks.inversion import _seeded  # noqa: E402
-from clicooper.config import JobConfig  # noqa: E402
+from clicooper.config import NO_DEFENCES, JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
 from clicooper.job import ChainJob, build_model_and_plan  # noqa: E402
@@ -56,14 +56,7 @@ def defence_settings(
 ) -> dict[str, dict]:
     """The defence configurations of the matrix ([privacy] overrides); with `label_epsilon`, also full
     CliCooper and U-shaped with label DP."""
-    off = {
-        "dp": False,
-        "epsilon": None,
-        "noise_multiplier": None,
-        "gamma": 1,
-        "u_shaped": False,
-        "label_epsilon": None,
-    }
+    off = dict(NO_DEFENCES)
     dp = {"dp": True, "epsilon": epsilon}
     out = {
         BASELINE: off,

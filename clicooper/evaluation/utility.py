@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from clicooper.config import JobConfig  # noqa: E402
+from clicooper.config import NO_DEFENCES, JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
 from clicooper.job import ChainJob, train_centralized  # noqa: E402
@@ -44,9 +44,7 @@ def privacy_variant(cfg: JobConfig, epsilon: float, gamma: int, mode: str) -> Jo
 
 
 def undefended(cfg: JobConfig) -> JobConfig:
-    return cfg.replace(
-        privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "gamma": 1, "u_shaped": False}
-    )
+    return cfg.replace(privacy=NO_DEFENCES)
 
 
 def run_variant(cfg: JobConfig, data: DatasetSplits) -> dict:
