@@ -117,3 +117,23 @@ def _batches(cfg, data):
     from clicooper.seeding import epoch_batches
 
     return epoch_batches(cfg.job.seed, 0, len(data.train_x), cfg.training.batch_size)
+
+
+def test_label_key_survives_a_resume_and_mismatch_is_refused(digits, tmp_path):
+    from clicooper.job import build_defence
+
+    cfg = tiny_config(privacy={"label_epsilon": 1.0})
+    (tmp_path / "a" / "data_owner").mkdir(parents=True)
+    (tmp_path / "b" / "data_owner").mkdir(parents=True)
+    ids = torch.arange(300)
+    first = build_defence(cfg, digits, tmp_path / "a")
+    again = build_defence(cfg, digits, tmp_path / "a")  # a resumed run reads the stored key
+    other = build_defence(cfg, digits, tmp_path / "b")  # a new run draws a fresh one
+    y = digits.train_y[:300]
+    assert torch.equal(first.privatize_labels(y, ids), again.privatize_labels(y, ids))
+    assert not torch.equal(first.privatize_labels(y, ids), other.privatize_labels(y, ids))
+    assert (tmp_path / "a" / "data_owner" / "label_dp_key.json").stat().st_mode & 0o777 == 0o600
+    again.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="label DP key"):
+        other.load_state_dict(first.state_dict())
+    assert first.label_epsilon() == 1.0 and first.epsilon() is None

@@ -230,8 +230,10 @@ def inversion_rows(
     scored as SSIM and PSNR beside the trivial guesses (the auxiliary data's mean image and, given
     `aux_y`, the mean image of the target's class) and as an SSIM advantage over the mean image."""
     o = obs[1]
-    target = _cat(o.activations)[:n_targets].reshape(-1, *o.activations[0].shape[1:])
-    ids = torch.cat(o.act_ids)[:n_targets]
+    # the last released rows: a head trained per step keeps changing, and the white-box attacker is granted
+    # the head that made the release (the final one made the last batch, up to one step)
+    target = _cat(o.activations)[-n_targets:].reshape(-1, *o.activations[0].shape[1:])
+    ids = torch.cat(o.act_ids)[-n_targets:]
     originals = data.train_x[ids]
     head, defence = job.data_owner.head.eval(), job.defence
     clip = defence.cfg.clip if defence is not None and defence.accountant is not None else None
