@@ -30,9 +30,9 @@ app.add_typer(eval_app, name="eval")
 console = Console()
 
 # Label DP of the defended job (randomized response with a prior), chosen from the measurements in
-# EXPERIMENTS.md, section 7: the matrix's "+ label DP" rows use it. Not yet in DEMO: on the current
-# demo defaults activation DP leaves the quick demo barely above chance, and label DP on top puts it at
-# chance (measured); to be switched on with the defaults that make the defended model work.
+# EXPERIMENTS.md, section 7: the matrix's "+ label DP" rows use it. Not in DEMO: with activation DP on,
+# label DP on top put the defended model at chance, on these defaults and on a trial merge with the
+# newer ones (measured there); to be switched on once the defended model tolerates noisy labels.
 DEFAULT_LABEL_EPSILON = 2.0
 # The default job: full defences at the paper's setting (epsilon = 2, gamma = 2) and chained
 # watermarking. See EXPERIMENTS.md for why the DP configuration looks like this (a low-dimensional
