@@ -170,6 +170,9 @@ class PrivacySection(_Section):
     head_budget_fraction: float = Field(0.8, gt=0, lt=1)  # share of the total (Gaussian-DP mu^2)
     head_dp_probe: Literal["cosine", "linear"] = "cosine"  # the throw-away probe trained with the head
     head_dp_noise_multiplier: float | None = Field(None, gt=0, le=1e6)  # with noise_multiplier, not epsilon
+    # label DP: randomized response with a prior (Ghazi et al. 2021) on every label before it leaves
+    # the data owner (and, in U-shaped mode, on the labels of its own loss); None = off
+    label_epsilon: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _dp_params(self) -> PrivacySection:
@@ -192,6 +195,17 @@ class PrivacySection(_Section):
         elif self.head_dp_noise_multiplier is not None:
             raise ValueError('head_dp_noise_multiplier is only used with guarantee = "end-to-end"')
         return self
+
+
+# [privacy] overrides that switch every defence off (the undefended chain); a new defence adds its field here
+NO_DEFENCES: dict = {
+    "dp": False,
+    "epsilon": None,
+    "noise_multiplier": None,
+    "gamma": 1,
+    "u_shaped": False,
+    "label_epsilon": None,
+}
 
 
 class WatermarkSection(_Section):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -12,6 +15,7 @@ from clicooper.attacks import (
     chance_advantage,
     clip_per_sample,
     clustering_label_attack,
+    clustering_label_attacks,
     complete_model,
     default_decoder,
     label_free_output_attack,
@@ -22,6 +26,8 @@ from clicooper.attacks import (
     whitebox_inversion,
 )
 from clicooper.attacks.metrics import PSNR_CAP_DB
+from clicooper.privacy.label_accounting import binomial_margin, success_bound
+from clicooper.privacy.label_dp import rr_with_prior
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +68,16 @@ def test_ssim_and_psnr_of_identical_images(digit_images) -> None:
     assert 0 < psnr_batch(rgb, 1 - rgb) < 20
     with pytest.raises(ValueError, match="shape"):
         ssim_batch(x, x[:4])
+    assert math.isnan(ssim_batch(x, x, gaussian=True))  # 8x8 is below the 11x11 Gaussian window
+
+
+def test_ssim_variants_agree_on_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(4, 1, 28, 28, generator=g)
+    near, far = (img + 0.05 * torch.randn(img.shape, generator=g)), torch.rand(4, 1, 28, 28, generator=g)
+    for gaussian in (False, True):
+        assert ssim_batch(img, img, gaussian=gaussian) == pytest.approx(1.0)
+        assert ssim_batch(near, img, gaussian=gaussian) > ssim_batch(far, img, gaussian=gaussian) + 0.5
 
 
 # --------------------------------------------------------------------------- clustering
@@ -86,6 +102,21 @@ def test_clustering_on_noise_is_chance(k: int | None) -> None:
     noise = torch.randn(2000, 4, 4, 2, generator=torch.Generator().manual_seed(1))  # any (N, ...) shape
     res = clustering_label_attack(noise, y, 10, k=k, seed=0)
     assert res.success < 0.1, res
+
+
+def test_clustering_on_randomized_labels_stays_within_the_label_dp_bound() -> None:
+    """Pseudo-labels under K-ary randomized response: the attack recovers at most what the release keeps."""
+    n, k, eps = 3000, 10, 2.0
+    y = torch.arange(n) % k
+    noisy = rr_with_prior(y, k, eps, torch.from_numpy(np.random.default_rng(0).random((n, 2))))
+    one_hot = nn.functional.one_hot(noisy, k).float()
+    clean, one, five = clustering_label_attacks(
+        nn.functional.one_hot(y, k).float(), y, k, known_per_class=(5,), seed=0
+    ) + clustering_label_attacks(one_hot, y, k, known_per_class=(1, 5), seed=0)
+    assert clean.success == 1.0 and (one.n_known, five.n_known) == (10, 50)
+    bound = success_bound(eps, k)
+    assert five.success <= bound + binomial_margin(0.45, n) / 0.9, (five, bound)
+    assert five.success > bound - 0.1  # 5 labels per class name the clusters: the bound is nearly met
 
 
 def test_clustering_rejects_misaligned_labels() -> None:

@@ -13,6 +13,7 @@ from clicooper.parties import verify_run
 from clicooper.parties.verifier import LOG_FILE
 from clicooper.provenance import Identity, SignedRecord, sign_record, verify_certificate
 from clicooper.provenance.certificate import load_certificate
+from clicooper.provenance.records import segment_digest
 from clicooper.provenance.statelog import StateLog, read_log
 from tests.conftest import tiny_config
 
@@ -138,6 +139,8 @@ def test_forged_record_is_rejected(run):
 
 
 def test_watermark_does_not_match_unwatermarked_segment(run, digits):
+    """Trainer 1 delivers another (unwatermarked) segment and re-signs its record over the new weights:
+    signature, digest and links all check out, so only watermark extraction can catch it."""
     plain = ChainJob(tiny_config(), digits, None)
     plain.run()
     f = run / "trainer_1" / "round_0001.safetensors"
@@ -145,7 +148,19 @@ def test_watermark_does_not_match_unwatermarked_segment(run, digits):
     for k, v in plain.trainers[0].segment.state_dict().items():
         t[f"model.{k}"] = v.clone()
     save_file(t, str(f))
-    assert "position 1" in _failures(run)
+    st = _state(run)
+    i, sr = _record(st, 1, 1)  # the last round's record: no later record links to its digest
+    me = Identity.load(run / "trainer_1" / "identity.pem", name="trainer_1")
+    swapped = {k[len("model.") :]: v for k, v in t.items() if k.startswith("model.")}
+    st["records"][i] = sign_record(
+        me, sr.record.model_copy(update={"segment_sha256": segment_digest(swapped)})
+    ).to_json()
+    _write_state(run, st)
+    verdict, cert = verify_run(run)
+    assert not verdict.ok and cert is None
+    bad = [f for f in verdict.failures if f.position == 1]
+    assert len(bad) == 1 and "watermark NOT detected" in bad[0].reason, verdict.failures
+    assert not any("digest" in f.reason or "signature" in f.reason for f in verdict.failures)
 
 
 def test_watermarked_chain_still_learns(digits):

@@ -3,7 +3,7 @@
 Library functions on tensors and modules; wiring them to trained jobs lives with the evaluation suite.
 """
 
-from clicooper.attacks.clustering import ClusteringResult, clustering_label_attack
+from clicooper.attacks.clustering import ClusteringResult, clustering_label_attack, clustering_label_attacks
 from clicooper.attacks.extraction import (
     ExtractionResult,
     complete_model,
@@ -18,15 +18,17 @@ from clicooper.attacks.inversion import (
     train_inverse_decoder,
     whitebox_inversion,
 )
-from clicooper.attacks.metrics import chance_advantage, psnr_batch, ssim_batch
+from clicooper.attacks.metrics import SSIM_SETTINGS, chance_advantage, psnr_batch, ssim_batch
 
 __all__ = [
+    "SSIM_SETTINGS",
     "ClusteringResult",
     "ExtractionResult",
     "blackbox_inversion",
     "chance_advantage",
     "clip_per_sample",
     "clustering_label_attack",
+    "clustering_label_attacks",
     "complete_model",
     "default_decoder",
     "label_free_output_attack",

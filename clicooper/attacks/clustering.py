@@ -132,13 +132,52 @@ def clustering_label_attack(
     label space), name clusters from the `known_per_class` known labels per class (Hungarian matching
     for k <= K, majority vote for k > K), predict all labels. Accuracy excludes the known samples.
     """
+    return clustering_label_attacks(
+        features,
+        true_labels,
+        num_classes,
+        k=k,
+        known_per_class=(known_per_class,),
+        seed=seed,
+        normalize=normalize,
+    )[0]
+
+
+def clustering_label_attacks(
+    features: torch.Tensor,
+    true_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    k: int | None = None,
+    known_per_class: tuple[int, ...] = (1, 5),
+    seed: int = 0,
+    normalize: bool = True,
+) -> list[ClusteringResult]:
+    """The same attack for several sizes of the known labelled set, sharing one clustering (k-means does
+    not use the labels): one result per entry of `known_per_class`, in order."""
     k = num_classes if k is None else k
-    _validate(features, true_labels, num_classes, k, known_per_class)
+    for per_class in known_per_class:
+        _validate(features, true_labels, num_classes, k, per_class)
     x = _prepare(features, normalize)
     y = true_labels.detach().cpu().numpy().astype(np.int64)
-    known = _known_indices(y, num_classes, known_per_class, seed)
     assign, centroids = _cluster(x, k, seed)
+    return [
+        _name_clusters(
+            x, y, assign, centroids, k, num_classes, _known_indices(y, num_classes, per_class, seed)
+        )
+        for per_class in known_per_class
+    ]
 
+
+def _name_clusters(
+    x: np.ndarray,
+    y: np.ndarray,
+    assign: np.ndarray,
+    centroids: np.ndarray,
+    k: int,
+    num_classes: int,
+    known: np.ndarray,
+) -> ClusteringResult:
     counts = np.zeros((k, num_classes), dtype=np.int64)
     np.add.at(counts, (assign[known], y[known]), 1)
     if k <= num_classes:

@@ -5,6 +5,16 @@
 - `ssim_batch` / `psnr_batch`: reconstruction quality of images in [0, 1] (skimage, data_range=1),
   averaged over the batch. Images are clamped to [0, 1] first: any attacker would clip its output to
   the valid pixel range, and it keeps the metric's data range honest.
+
+SSIM as computed here (`SSIM_SETTINGS`): scikit-image's `structural_similarity` with data_range = 1
+(pixels in [0, 1]), K1 = 0.01, K2 = 0.03, a 7x7 uniform window with sample covariance (skimage's
+default; shrunk to the largest odd size that fits images smaller than 7x7), the SSIM map averaged over
+the pixels at least 3 from the border, colour channels averaged; then averaged over the images.
+`gaussian=True` gives the original setting of Wang et al. 2004 (11x11 Gaussian window, sigma 1.5,
+population covariance; images of at least 11x11). He et al. 2019 report SSIM (and PSNR) of
+reconstructions without stating the window or data range, so their figures and ours compare only
+roughly; we therefore always print the trivial guesses (the mean image, the class-mean image) under
+the same metric beside an attack, and its advantage over the mean image.
 """
 
 from __future__ import annotations
@@ -47,16 +57,34 @@ def _win_size(h: int, w: int) -> int:
     return side
 
 
-def ssim_batch(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean SSIM between two (N, C, H, W) batches of images in [0, 1]."""
+SSIM_SETTINGS = {
+    "implementation": "skimage.metrics.structural_similarity",
+    "data_range": 1.0,
+    "window": "7x7 uniform, sample covariance (skimage default)",
+    "K1": 0.01,
+    "K2": 0.03,
+    "gaussian_variant": "11x11 Gaussian, sigma 1.5, population covariance (Wang et al. 2004)",
+}
+
+
+def ssim_batch(x: torch.Tensor, y: torch.Tensor, *, gaussian: bool = False) -> float:
+    """Mean SSIM between two (N, C, H, W) batches of images in [0, 1] (module doc, `SSIM_SETTINGS`).
+
+    `gaussian=True`: the 11x11 Gaussian-window variant; NaN for images smaller than 11x11.
+    """
     a, b = _as_images(x, y)
-    win = _win_size(a.shape[2], a.shape[3])
+    if gaussian:
+        if min(a.shape[2], a.shape[3]) < 11:
+            return float("nan")
+        kw: dict = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}
+    else:
+        kw = {"win_size": _win_size(a.shape[2], a.shape[3])}
     scores = []
     for xi, yi in zip(a, b, strict=True):
         if xi.shape[0] == 1:
-            scores.append(structural_similarity(xi[0], yi[0], data_range=1.0, win_size=win))
+            scores.append(structural_similarity(xi[0], yi[0], data_range=1.0, **kw))
         else:
-            scores.append(structural_similarity(xi, yi, data_range=1.0, win_size=win, channel_axis=0))
+            scores.append(structural_similarity(xi, yi, data_range=1.0, channel_axis=0, **kw))
     return float(np.mean(scores))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import html
 import math
 from dataclasses import dataclass, field
@@ -16,6 +17,21 @@ def _fmt(v: object) -> str:
     return "" if v is None else str(v)
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """Every key of every row, in first-seen order (rows may differ in their optional columns)."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> Path:
+    """Rows as CSV (full precision; None as empty), beside the Markdown report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns or _columns(rows), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 @dataclass
 class Report:
     title: str
@@ -28,7 +44,7 @@ class Report:
         self.blocks.append(("heading", title))
 
     def table(self, rows: list[dict], columns: list[str] | None = None) -> None:
-        self.blocks.append(("table", (rows, columns or (list(rows[0]) if rows else []))))
+        self.blocks.append(("table", (rows, columns or _columns(rows))))
 
     def figure(self, path: Path, caption: str) -> None:
         self.blocks.append(("figure", (path, caption)))

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from clicooper.config import JobConfig  # noqa: E402
+from clicooper.config import NO_DEFENCES, JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
 from clicooper.job import ChainJob, build_model_and_plan, pretrain_head, train_centralized  # noqa: E402
@@ -45,10 +45,7 @@ def privacy_variant(cfg: JobConfig, epsilon: float) -> JobConfig:
 
 
 def undefended(cfg: JobConfig) -> JobConfig:
-    return cfg.replace(
-        privacy={"dp": False, "epsilon": None, "noise_multiplier": None, "gamma": 1, "u_shaped": False},
-        watermark={"enabled": False},
-    )
+    return cfg.replace(privacy=NO_DEFENCES, watermark={"enabled": False})
 
 
 def _pretrained_head(cfg: JobConfig, data: DatasetSplits) -> dict:

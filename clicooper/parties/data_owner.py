@@ -121,6 +121,12 @@ class DataOwner(Party):
             return y  # U-shaped: labels stay here
         return self.defence.encode_labels(y, ids, rnd) if self.defence else y
 
+    def _loss_labels(self, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """U-shaped: the labels of the data owner's own loss, through label DP when it is on (the
+        gradients it returns to the last trainer are then post-processing of the noisy labels)."""
+        privatize = getattr(self.defence, "privatize_labels", None)
+        return privatize(y, ids) if privatize is not None else y
+
     def _one_shot_release(self) -> torch.Tensor:
         """Release every training sample's activation once, from the frozen head.
 
@@ -178,7 +184,7 @@ class DataOwner(Party):
                 self.send(Targets, self.last, rnd, step, labels=self._encode_labels(y, ids, rnd))
             self.send(Forward, self.first, rnd, step, activation=a_rel.detach(), train=True)
             if self.tail is not None:
-                self._tail_step(rnd, step, y)
+                self._tail_step(rnd, step, self._loss_labels(y, ids))
             reply: Backward = self._receive(Backward, rnd, step)
             check_tensor(
                 reply.grad,

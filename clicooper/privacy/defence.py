@@ -39,6 +39,8 @@ from clicooper.privacy.accounting import (
 )
 from clicooper.privacy.activation_dp import clip_and_noise, clip_per_sample
 from clicooper.privacy.dp_sgd import DpSgdPlan
+from clicooper.privacy.label_accounting import LabelAccountant
+from clicooper.privacy.label_dp import LabelRandomizer, new_label_key
 from clicooper.privacy.labels import LabelCodebook
 
 LEDGER = "privacy_ledger.json"
@@ -87,6 +89,7 @@ class DataOwnerDefences:
         secret: bytes,
         ledger_dir: Path | None = None,
         data_digest: str | None = None,
+        label_key: bytes | None = None,
     ) -> None:
         self.cfg = cfg
         self.one_shot = cfg.dp and cfg.release == "one-shot"
@@ -137,6 +140,13 @@ class DataOwnerDefences:
             else None
         )
         self._check_ledger_mechanism()
+        # label DP: OS-random key (never the job seed or the codebook secret); one release per sample
+        self.label_dp: LabelRandomizer | None = None
+        self.label_accountant: LabelAccountant | None = None
+        if cfg.label_epsilon is not None:
+            key = label_key if label_key is not None else new_label_key()
+            self.label_dp = LabelRandomizer(key, num_classes, cfg.label_epsilon)
+            self.label_accountant = LabelAccountant(cfg.label_epsilon)
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -189,6 +199,8 @@ class DataOwnerDefences:
             out.append(f"guarantee: {self.guarantee}")
         if self.codebook is not None:
             out.append(f"secret label expansion (gamma={self.cfg.gamma}, {self.cfg.label_policy})")
+        if self.label_dp is not None:
+            out.append(f"label DP (randomized response with prior, epsilon={self.label_dp.epsilon:g})")
         if self.cfg.u_shaped:
             out.append("U-shaped (labels stay with the data owner)")
         return out
@@ -232,7 +244,12 @@ class DataOwnerDefences:
             return clip_and_noise(a, self.cfg.clip, self.accountant.noise_multiplier, gen)
         return clip_per_sample(a, self.cfg.clip)  # the model always sees clipped activations
 
+    def privatize_labels(self, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The labels as the label-DP release has them (the true ones without label DP)."""
+        return self.label_dp.privatize(y, ids) if self.label_dp is not None else y
+
     def encode_labels(self, y: torch.Tensor, ids: torch.Tensor, rnd: int) -> torch.Tensor:
+        y = self.privatize_labels(y, ids)
         if self.codebook is None:
             return y
         return self.codebook.encode(y, ids, policy=self.cfg.label_policy, epoch=rnd)
@@ -248,6 +265,10 @@ class DataOwnerDefences:
             return self._e2e_epsilon(self.accountant.releases)
         return self.accountant.epsilon()
 
+    def label_epsilon(self) -> float | None:
+        """Label DP spent (pure DP, paid once per sample), None without label DP."""
+        return self.label_accountant.epsilon if self.label_accountant is not None else None
+
     # -- state (the codebook secret is stored separately, never here) ------
     def _head_state(self) -> dict | None:
         if self.head_plan is None:
@@ -262,12 +283,19 @@ class DataOwnerDefences:
         }
 
     def state_dict(self) -> dict:
-        state = {"accountant": self.accountant.state_dict() if self.accountant else None}
+        state: dict = {"accountant": self.accountant.state_dict() if self.accountant else None}
         if self.head_plan is not None:
             state["head_dp_sgd"] = self._head_state()
+        if self.label_accountant is not None:
+            state["label_dp"] = {**self.label_accountant.state_dict(), "key": self.label_dp.fingerprint()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.label_accountant is not None and state.get("label_dp") is not None:
+            saved = dict(state["label_dp"])
+            if saved.pop("key") != self.label_dp.fingerprint():
+                raise ValueError("label DP key differs from the checkpoint's: the labels would be redrawn")
+            self.label_accountant.check_state(saved)
         if self.accountant is None:
             return
         self.accountant.load_state_dict(state["accountant"])

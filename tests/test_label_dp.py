@@ -1,0 +1,139 @@
+"""Label DP (randomized response with a prior): the flip rate matches epsilon, the mechanism is
+epsilon-DP for any prior, the randomness is OS-keyed, and the bounds are what the algebra says."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clicooper.job import ChainJob
+from clicooper.privacy.label_accounting import accuracy_bound, binomial_margin, composed, success_bound
+from clicooper.privacy.label_dp import (
+    LabelRandomizer,
+    keep_probability,
+    keyed_uniforms,
+    new_label_key,
+    output_distribution,
+    rr_with_prior,
+    top_k,
+)
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 2.0, 4.0, 8.0])
+def test_flip_rate_matches_epsilon(epsilon):
+    """Uniform prior = K-ary randomized response: P(flip) = (K-1)/(e^eps+K-1), flips uniform over the rest."""
+    n, k = 40_000, 10
+    rng = np.random.default_rng(1234)
+    labels = torch.from_numpy(rng.integers(0, k, n))
+    noisy = rr_with_prior(labels, k, epsilon, torch.from_numpy(rng.random((n, 2))))
+    expected = (k - 1) / (math.exp(epsilon) + k - 1)
+    flips = float((noisy != labels).float().mean())
+    assert abs(flips - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-4, (flips, expected)
+    if epsilon <= 2:  # flipped labels land uniformly on the other classes
+        offs = ((noisy - labels) % k)[noisy != labels]
+        counts = torch.bincount(offs, minlength=k)[1:].double()
+        assert (counts / counts.sum() - 1 / (k - 1)).abs().max() < 0.01
+
+
+def test_rr_with_prior_is_epsilon_dp_for_any_prior():
+    k, eps = 6, 1.5
+    gen = torch.Generator().manual_seed(0)
+    for prior in [None, torch.softmax(3 * torch.randn(k, generator=gen), 0), torch.eye(k)[2] * 0.9 + 0.1 / k]:
+        dists = torch.stack([output_distribution(y, k, eps, prior) for y in range(k)])
+        assert torch.allclose(dists.sum(1), torch.ones(k, dtype=torch.float64))
+        for o in range(k):  # every output: max over labels <= e^eps * min over labels
+            assert dists[:, o].max() <= math.exp(eps) * dists[:, o].min() + 1e-12
+    # a sharp prior prunes to few candidates (k = 1 here): the true label, if it is the top one, is kept
+    order, kk = top_k(torch.tensor([[0.97, 0.01, 0.01, 0.01]], dtype=torch.float64), 2.0)
+    assert int(kk[0]) == 1 and int(order[0, 0]) == 0
+    _, kk = top_k(torch.full((1, 4), 0.25, dtype=torch.float64), 2.0)
+    assert int(kk[0]) == 4  # uniform prior: all classes, plain randomized response
+
+
+def test_sampling_matches_exact_distribution_with_prior():
+    k, eps, n = 5, 1.0, 30_000
+    prior = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
+    rng = np.random.default_rng(7)
+    for y in (0, 4):
+        noisy = rr_with_prior(torch.full((n,), y), k, eps, torch.from_numpy(rng.random((n, 2))), prior)
+        freq = torch.bincount(noisy, minlength=k).double() / n
+        assert (freq - output_distribution(y, k, eps, prior)).abs().max() < 0.015
+
+
+def test_randomizer_is_keyed_and_stable():
+    labels, ids = torch.arange(200) % 10, torch.arange(200)
+    key = new_label_key()
+    assert len(key) == 32 and key != new_label_key()  # OS entropy: two keys never agree
+    a = LabelRandomizer(key, 10, 1.0)
+    first = a.privatize(labels, ids)
+    assert torch.equal(first, a.privatize(labels, ids))  # re-sent, not redrawn: epsilon paid once
+    assert torch.equal(first[50:60], LabelRandomizer(key, 10, 1.0).privatize(labels[50:60], ids[50:60]))
+    assert not torch.equal(first, LabelRandomizer(new_label_key(), 10, 1.0).privatize(labels, ids))
+    u = keyed_uniforms(key, ids)
+    assert u.shape == (200, 2) and float(u.min()) >= 0 and float(u.max()) < 1
+    with pytest.raises(ValueError):
+        LabelRandomizer(b"short", 10, 1.0)
+
+
+def test_bounds():
+    assert keep_probability(2.0, 10) == pytest.approx(math.exp(2) / (math.exp(2) + 9))
+    assert accuracy_bound(2.0, 10) == pytest.approx(keep_probability(2.0, 10))  # RR meets it exactly
+    assert success_bound(None, 10) == 1.0 and success_bound(0.0, 10) == 0.0
+    assert success_bound(1.0, 10) == pytest.approx((math.e - 1) / (math.e + 9))
+    assert accuracy_bound(1.0, 10, delta=1e-5) > accuracy_bound(1.0, 10)
+    assert composed(2.0, 1e-5, 1.0) == (3.0, 1e-5) and composed(None, None, 1.0) == (None, 0.0)
+    assert binomial_margin(0.5, 10_000) == pytest.approx(0.01)
+
+
+def test_label_dp_job_reports_label_epsilon_and_noisy_targets(digits, tmp_path):
+    cfg = tiny_config(
+        privacy={"label_epsilon": 1.0, "gamma": 2}, model={"n_trainers": 2}, training={"epochs": 1}
+    )
+    job = ChainJob(cfg, digits, tmp_path / "run")
+    sent = []
+    original = job.transport.send
+
+    def tap(msg):
+        if type(msg).__name__ == "Targets" and msg.header.round == 0:
+            sent.append(msg.labels.clone())
+        original(msg)
+
+    job.transport.send = tap
+    s = job.run()
+    assert s.label_epsilon == 1.0 and s.epsilon is None and any("label DP" in d for d in s.defences)
+    assert (tmp_path / "run" / "data_owner" / "label_dp_key.json").exists()
+    # the pseudo-labels decode to noisy classes: about (K-1)/(e+K-1) = 77% of them differ from the truth
+    order = torch.cat([torch.as_tensor(b) for b in _batches(cfg, digits)])
+    decoded = job.defence.codebook.decode_labels(torch.cat(sent))
+    flips = float((decoded != digits.train_y[order]).float().mean())
+    assert abs(flips - 9 / (math.e + 9)) < 0.05, flips
+
+
+def _batches(cfg, data):
+    from clicooper.seeding import epoch_batches
+
+    return epoch_batches(cfg.job.seed, 0, len(data.train_x), cfg.training.batch_size)
+
+
+def test_label_key_survives_a_resume_and_mismatch_is_refused(digits, tmp_path):
+    from clicooper.job import build_defence
+
+    cfg = tiny_config(privacy={"label_epsilon": 1.0})
+    (tmp_path / "a" / "data_owner").mkdir(parents=True)
+    (tmp_path / "b" / "data_owner").mkdir(parents=True)
+    ids = torch.arange(300)
+    first = build_defence(cfg, digits, tmp_path / "a")
+    again = build_defence(cfg, digits, tmp_path / "a")  # a resumed run reads the stored key
+    other = build_defence(cfg, digits, tmp_path / "b")  # a new run draws a fresh one
+    y = digits.train_y[:300]
+    assert torch.equal(first.privatize_labels(y, ids), again.privatize_labels(y, ids))
+    assert not torch.equal(first.privatize_labels(y, ids), other.privatize_labels(y, ids))
+    assert (tmp_path / "a" / "data_owner" / "label_dp_key.json").stat().st_mode & 0o777 == 0o600
+    again.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="label DP key"):
+        other.load_state_dict(first.state_dict())
+    assert first.label_epsilon() == 1.0 and first.epsilon() is None
