@@ -522,7 +522,7 @@ def eval_utility(
     if train_subset is not None:
         data = data.subset(train_subset, None, seed=cfg.job.seed)
     if quick:
-        md = run_utility_sweep(cfg, data, out, epsilons=(2.0, float("inf")), guarantees=GUARANTEES)
+        md = run_utility_sweep(cfg, data, out, epsilons=(2.0, float("inf")), guarantees=("activation",))
     else:
         md = run_utility_sweep(
             cfg, data, out, epsilons=EPSILONS, guarantees=GUARANTEES, pretrain_epochs=(0, 1)

@@ -15,7 +15,7 @@ from clicooper.cli import app
 from clicooper.data import load_dataset
 from clicooper.evaluation.label_dp import run_label_dp_eval
 from clicooper.evaluation.privacy import BASELINE, attacker_split, run_privacy_eval
-from clicooper.evaluation.utility import run_utility_sweep
+from clicooper.evaluation.utility import end_to_end_variant, run_utility_sweep
 from clicooper.evaluation.watermark import run_watermark_eval
 from clicooper.privacy.label_accounting import success_bound
 from tests.conftest import tiny_config
@@ -98,7 +98,11 @@ def test_utility_frontier_learns_under_dp_and_reports_compute_share(digits, tmp_
         training={"epochs": 10, "optimizer": "adam", "lr": 1e-2, "lr_schedule": "cosine"},
         privacy={"release": "one-shot"},
     )
-    md = run_utility_sweep(cfg, digits, tmp_path, epsilons=(32.0, math.inf))  # 1,200 samples: weak DP
+    md = run_utility_sweep(  # 1,200 samples: a weak budget; the end-to-end line is tested in test_e2e_dp
+        cfg, digits, tmp_path, epsilons=(32.0, math.inf), guarantees=("activation",)
+    )
+    e2e = end_to_end_variant(cfg, 2.0)
+    assert e2e.privacy.guarantee == "end-to-end" and e2e.model.head_pretrain_epochs == 0
     with (tmp_path / "utility.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["guarantee"] for r in rows] == ["activation", "none"]
