@@ -1,4 +1,4 @@
-"""Attacks as first-class code (DESIGN.md §4): label inference, input reconstruction, model extraction.
+"""Attacks as first-class code (docs/attacks.md): label inference, input reconstruction, model extraction.
 
 Library functions on tensors and modules; wiring them to trained jobs lives with the evaluation suite.
 """

@@ -1,5 +1,5 @@
 """Clustering label inference (Liu & Lyu 2022, "Clustering label inference attack against practical split
-learning"), as defined in DESIGN.md §4.
+learning"), as defined in docs/attacks.md.
 
 The attack exploits that, in plain split learning, samples of one class produce similar cut-layer
 activations and (especially) similar gradients, so an unsupervised clustering of what a curious trainer

@@ -1,4 +1,4 @@
-"""Model extraction / completion by trainers (DESIGN.md §4).
+"""Model extraction / completion by trainers (docs/attacks.md).
 
 A trainer (or a coalition of trainers) walks away with its segment(s) and tries to turn them into a
 working classifier for the data owner's task. What it lacks: the data owner's head (and, for a single

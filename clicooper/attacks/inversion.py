@@ -1,5 +1,5 @@
 """Input reconstruction at the first trainer (He, Zhang & Lee 2019, "Model inversion attacks against
-collaborative inference"), as defined in DESIGN.md §4.
+collaborative inference"), as defined in docs/attacks.md.
 
 Two settings of the paper, both aimed at the activation the data owner releases to T1:
 - white-box (regularised maximum likelihood, rMLE): the attacker knows the head's architecture and

@@ -1,4 +1,4 @@
-"""Attack metrics shared by every table (DESIGN.md §4), so numbers mean the same thing everywhere.
+"""Attack metrics shared by every table (docs/attacks.md), so numbers mean the same thing everywhere.
 
 - `chance_advantage`: label-inference success as advantage over the uniform guess,
   `max(0, (acc - 1/K) / (1 - 1/K))`.

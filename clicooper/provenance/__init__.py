@@ -1,5 +1,5 @@
 """Verifiable provenance: identities, dynamic chained watermarks, signed stage records,
-chain verification and certificates (DESIGN.md section 3, docs/provenance.md)."""
+chain verification and certificates (docs/provenance.md)."""
 
 from clicooper.provenance.certificate import (
     Certificate,
