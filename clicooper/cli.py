@@ -59,7 +59,7 @@ DEMO = {
         "head_pretrain_epochs": 3,
         "freeze_head": True,
     },
-    "training": {"epochs": 10, "batch_size": 256, "optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine"},
+    "training": {"epochs": 10, "batch_size": 512, "optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine"},
     "privacy": {"dp": True, "epsilon": 2.0, "delta": 1e-5, "release": "one-shot", "gamma": 2},
     "watermark": {"enabled": True},
 }
@@ -68,7 +68,7 @@ DEMO = {
 QUICK = {
     "data": {"train_subset": 20000, "test_subset": 1000},
     "model": {"head_pretrain_epochs": 1},
-    "training": {"epochs": 3},
+    "training": {"epochs": 3, "batch_size": 256},  # enough steps per round for every watermark to embed
 }
 # The undefended reference job (issue 2's accuracy and speed targets): small CNN, plain chain.
 PLAIN = {
