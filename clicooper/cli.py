@@ -279,8 +279,9 @@ def baseline(
     except ConfigError as e:
         _fail(str(e))
     if no_dp:
-        off = {"dp": False, "epsilon": None, "noise_multiplier": None, "budget_epsilon": None}
-        cfg = cfg.replace(privacy={**off, "guarantee": "activation", "head_dp_noise_multiplier": None})
+        from clicooper.evaluation.utility import privacy_variant
+
+        cfg = privacy_variant(cfg, float("inf"))
         run_dir = _new_run_dir(cfg, "-nodp")
         _finish(run_chain(cfg, run_dir), "the same job with DP off")
         return

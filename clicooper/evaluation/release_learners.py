@@ -22,6 +22,7 @@ from torch import nn
 
 from clicooper.config import JobConfig
 from clicooper.data import DatasetSplits
+from clicooper.evaluation.e2e import nearest_class_mean
 from clicooper.evaluation.report import Report
 from clicooper.job import build_model_and_plan, pretrain_head
 from clicooper.models import split_model
@@ -49,9 +50,8 @@ def _fit(
     return model.eval()
 
 
-def nearest_class_mean(x: torch.Tensor, y: torch.Tensor, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    mu = torch.stack([x[y == c].mean(0) for c in range(k)])
-    return lambda a: a @ mu.T - 0.5 * (mu**2).sum(1)
+def class_mean_learner(x: torch.Tensor, y: torch.Tensor, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda a: nearest_class_mean(x, y, k, a)
 
 
 def _net(kind: str, d: int, k: int) -> nn.Module:
@@ -111,7 +111,7 @@ def run_release_learners(
             trained("linear", "cosine", epochs, seed, lr),
             train,
         ),
-        "nearest class mean of the release": (nearest_class_mean, release),
+        "nearest class mean of the release": (class_mean_learner, release),
         "linear, constant lr": (trained("linear", "constant", epochs, seed, lr), release),
         "linear, cosine lr": (trained("linear", "cosine", epochs, seed, lr), release),
         "linear segments 16-128-128-K, cosine lr (default)": (

@@ -34,14 +34,10 @@ GUARANTEES = ("activation", "end-to-end")
 def privacy_variant(cfg: JobConfig, epsilon: float) -> JobConfig:
     """The job with activation DP at `epsilon` (none if inf); every other setting unchanged."""
     dp = math.isfinite(epsilon)
-    return cfg.replace(
-        privacy={
-            "dp": dp,
-            "epsilon": epsilon if dp else None,
-            "noise_multiplier": None,
-            "budget_epsilon": None,
-        }
-    )
+    privacy = {"dp": dp, "epsilon": epsilon if dp else None, "noise_multiplier": None, "budget_epsilon": None}
+    if not dp:  # no DP: no end-to-end guarantee either
+        privacy |= {"guarantee": "activation", "head_dp_noise_multiplier": None}
+    return cfg.replace(privacy=privacy)
 
 
 def end_to_end_variant(cfg: JobConfig, epsilon: float) -> JobConfig:
