@@ -563,6 +563,10 @@ def eval_privacy(
     label_epsilon: Annotated[
         float | None, typer.Option("--label-epsilon", help="Label DP of the '+ label DP' rows.")
     ] = DEFAULT_LABEL_EPSILON,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Train and attack only these rows, by name (repeat); default: all."),
+    ] = None,
 ) -> None:
     """Attacks x defences: clustering, inversion and extraction against the undefended default job, no
     defence on the defended job's model, DP only, label expansion only, full CliCooper (with and without
@@ -573,17 +577,21 @@ def eval_privacy(
     plain = _eval_config(quick, dataset, path, base=PLAIN)
     data = _eval_data(cfg)
     sweep = tuple(eps_sweep or ())
-    md = run_privacy_eval(
-        cfg,
-        data,
-        out,
-        quick=quick,
-        epsilon=epsilon,
-        gamma=gamma,
-        eps_sweep=sweep,
-        label_epsilon=label_epsilon,
-        default_job=plain,
-    )
+    try:
+        md = run_privacy_eval(
+            cfg,
+            data,
+            out,
+            quick=quick,
+            epsilon=epsilon,
+            gamma=gamma,
+            eps_sweep=sweep,
+            label_epsilon=label_epsilon,
+            default_job=plain,
+            only=tuple(only) if only else None,
+        )
+    except ValueError as e:  # an unknown --only row
+        _fail(str(e))
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
 
 
