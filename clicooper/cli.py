@@ -26,6 +26,7 @@ from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob, RunSummary, new_run_dir, prepare_data, train_centralized
 from clicooper.parties.base import ProtocolError
 from clicooper.privacy.accounting import BudgetExceeded
+from clicooper.threads import apply_threads
 
 EXIT_USAGE, EXIT_REJECTED, EXIT_NO_MATCH, EXIT_BAD_CERTIFICATE = 2, 3, 4, 5
 
@@ -157,6 +158,7 @@ def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSumm
 
     A run that fails to start leaves no run folder behind (a resumed one keeps its folder); a run
     whose chain the verifier rejects exits with EXIT_REJECTED after printing its summary."""
+    apply_threads(cfg.job.threads)
     try:
         data = prepare_data(cfg)
         job = ChainJob(cfg, data, run_dir)

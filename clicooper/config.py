@@ -58,6 +58,9 @@ class JobSection(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     seed: StrictInt = Field(0, ge=0, lt=2**63)
     run_root: Path = Path("runs")
+    # torch intra-op threads per party process (None: the machine's cores shared among the party
+    # processes on it; in-process, torch's default). Not part of the job: a resume may change it.
+    threads: StrictInt | None = Field(None, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _safe_root(self) -> JobSection:
@@ -357,7 +360,9 @@ class ResumeError(ConfigError):
 
 # What a resumed run may change: nothing that affects the model, the data, the privacy mechanism
 # or the protocol. Everything else is pinned to the configuration the run started with.
-RESUME_MUTABLE = frozenset({"job.name", "job.run_root", "training.epochs", "training.eval_batch_size"})
+RESUME_MUTABLE = frozenset(
+    {"job.name", "job.run_root", "job.threads", "training.epochs", "training.eval_batch_size"}
+)
 _PINNED_WHY = {
     "job": "the data order and seeds",
     "data": "the data",

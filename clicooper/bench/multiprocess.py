@@ -24,6 +24,7 @@ from clicooper.bench.common import median, timed
 from clicooper.config import JobConfig
 from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob
+from clicooper.threads import threads_for
 from clicooper.transport.grpc import Roster
 from clicooper.transport.grpc.tls import make_local_pki
 
@@ -152,10 +153,12 @@ def bench_multiprocess(
     data: DatasetSplits,
     repeats: int = 3,
     variants: dict[str, dict] | None = None,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> MultiprocessBench:
-    """`variants`: name -> `[training]` overrides, each run as its own process group."""
+    """`variants`: name -> `[training]` overrides, each run as its own process group. `threads` per
+    process defaults to this machine's cores shared among one group's processes (`threads_for`)."""
     cfg = cfg.replace(training={"epochs": 1})
+    threads = threads_for(threads, cfg.model.n_trainers + 1)
     variants = variants or {"gRPC + mTLS": {}}
     job = ChainJob(cfg, data, None)  # the in-process reference, re-used round after round
     before = torch.get_num_threads()

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from clicooper.threads import apply_threads
 
 JOB = "bench-mp"
 
@@ -44,7 +44,7 @@ def _status_kib(key: str) -> int | None:
 
 def main() -> None:
     cfg_path, party, pki, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    torch.set_num_threads(threads)
+    apply_threads(threads)
     from clicooper.bench.hosting import HostOnly
     from clicooper.config import JobConfig
     from clicooper.job import ChainJob, prepare_data
