@@ -77,3 +77,13 @@ def test_cli_writes_json(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "codec.json").read_text())
     assert doc["benchmark"] == "codec" and len(doc["sizes"]) == 2
+
+
+def test_pipeline_model_uses_the_bubble_fraction():
+    from clicooper.bench.pipeline import StageTimes
+
+    unpiped = StageTimes(1, 4.0, {"data_owner": 1.0, "trainer_1": 2.0, "trainer_2": 1.0})
+    piped = StageTimes(4, 4.5, {"data_owner": 1.1, "trainer_1": 2.0, "trainer_2": 1.2})
+    assert unpiped.modelled_s == pytest.approx(4.0)
+    assert piped.bubble == pytest.approx(2 / 6)
+    assert piped.modelled_s == pytest.approx(2.0 * 6 / 4)
