@@ -33,7 +33,7 @@ def test_quick_multiprocess_chain_reports_rss_per_process():
     assert set(result.epoch_s) == {"in-process", "gRPC + mTLS"}
     assert all(len(ts) == 1 and ts[0] > 0 for ts in result.epoch_s.values())
     assert {r.party for r in result.rss} == {"data_owner", "trainer_1"}
-    assert all(r.ru_maxrss_mib > 50 for r in result.rss)
+    assert all(r.setup_peak_mib > 50 for r in result.rss)
     assert result.bytes_per_step["data_owner->trainer_1"] > 0
 
 

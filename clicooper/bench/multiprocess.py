@@ -4,7 +4,7 @@ Each variant (e.g. unpipelined and pipelined) gets its own group of processes (`
 data owner and trainers, each with its own certificate and server on loopback, `threads` torch
 threads each); the in-process chain runs in this process. Epochs are interleaved: in-process, then
 each group in turn. Bytes per step per hop come from the in-process run (the same codec frames).
-Peak RSS is per process, once training ends.
+Peak RSS is per process (`VmHWM`), for set-up and for training separately.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ JOB = "bench-mp"
 class PartyRss:
     variant: str
     party: str
-    ru_maxrss_mib: float
+    setup_peak_mib: float  # imports, data (data owner only), model, server
     training_peak_mib: float | None
 
 
@@ -69,22 +69,27 @@ class MultiprocessBench:
         ]
 
     def notes(self) -> list[str]:
-        hops = ", ".join(f"{h} {b / 1e6:.2f} MB" for h, b in self.bytes_per_step.items())
+        hops = ", ".join(f"{h} {b / 1e6:.3f} MB" for h, b in self.bytes_per_step.items() if b >= 1000)
         rss = ", ".join(
-            f"{r.variant}/{r.party} {r.ru_maxrss_mib:.0f} MiB"
-            + (f" (training {r.training_peak_mib:.0f})" if r.training_peak_mib else "")
+            f"{r.variant}/{r.party} {r.setup_peak_mib:.0f}"
+            + (f"/{r.training_peak_mib:.0f}" if r.training_peak_mib else "")
             for r in self.rss
         )
-        return [f"bytes per step per hop: {hops}", f"peak RSS per process: {rss}"]
+        return [f"bytes per step per hop: {hops}", f"peak RSS per process, set-up/training (MiB): {rss}"]
 
 
 class _Group:
     """One job's parties, each in its own process, ready to train."""
 
-    def __init__(self, cfg: JobConfig, tmp: Path, tag: str, threads: int) -> None:
+    def __init__(self, cfg: JobConfig, data: DatasetSplits, tmp: Path, tag: str, threads: int) -> None:
         self.tag = tag
-        cfg_path = tmp / f"{tag}.json"
+        cfg_path, shapes = tmp / f"{tag}.json", tmp / f"{tag}-shapes.json"
         cfg_path.write_text(cfg.model_dump_json())
+        shapes.write_text(
+            json.dumps(
+                {"name": data.name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+            )
+        )
         roster = Roster.chain(JOB, cfg.model.n_trainers)
         pki = tmp / f"{tag}-pki"
         make_local_pki(pki, JOB, roster.parties)
@@ -99,6 +104,7 @@ class _Group:
                     p,
                     str(pki),
                     str(threads),
+                    str(shapes),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -143,7 +149,7 @@ class _Group:
                     r = json.loads(line[4:])
                     peak = r["training_peak_kib"]
                     out.append(
-                        PartyRss(self.tag, p, r["ru_maxrss_kib"] / 1024, peak / 1024 if peak else None)
+                        PartyRss(self.tag, p, r["setup_peak_kib"] / 1024, peak / 1024 if peak else None)
                     )
         return out
 
@@ -169,14 +175,14 @@ def bench_multiprocess(
         groups = {}
         try:
             for v, over in variants.items():
-                groups[v] = _Group(cfg.replace(training=over), Path(tmp), f"g{len(groups)}", threads)
+                groups[v] = _Group(cfg.replace(training=over), data, Path(tmp), f"g{len(groups)}", threads)
             for rnd in range(repeats):
                 times["in-process"].append(timed(lambda r=rnd: job.data_owner.train_round(r)))
                 for v, g in groups.items():
                     times[v].append(g.epoch())
         finally:
             for v, g in groups.items():
-                rss += [PartyRss(v, r.party, r.ru_maxrss_mib, r.training_peak_mib) for r in g.close()]
+                rss += [PartyRss(v, r.party, r.setup_peak_mib, r.training_peak_mib) for r in g.close()]
             torch.set_num_threads(before)
     steps = max(repeats * -(-len(data.train_x) // cfg.training.batch_size), 1)
     sent = Counter(job.transport.bytes_sent)
