@@ -91,26 +91,27 @@ class PipelineBench:
         return ["modelled: sum of stage times unpipelined; max stage * (M + S - 1) / M pipelined"]
 
 
-def stage_times(cfg: JobConfig, data: DatasetSplits, repeats: int) -> StageTimes:
-    """Median over `repeats` fresh in-process chains of the epoch and of each party's busy time."""
-    epochs, stages = [], []
-    for _ in range(repeats):
-        timer = StageTimer(InProcTransport())
-        job = ChainJob(cfg, data, None, transport=timer)
-        epoch = timed(lambda j=job: j.data_owner.train_round(0))
-        busy = {"data_owner": epoch - timer.waiting["data_owner"]}
-        busy.update({t.name: timer.busy[t.name] for t in job.trainers})
-        epochs.append(epoch)
-        stages.append(busy)
-    per_stage = {p: median([s[p] for s in stages]) for p in stages[0]}
-    return StageTimes(cfg.training.micro_batches, median(epochs), per_stage)
+def stage_times(cfg: JobConfig, data: DatasetSplits) -> tuple[float, dict[str, float]]:
+    """One epoch of a fresh in-process chain: its time and each party's busy time."""
+    timer = StageTimer(InProcTransport())
+    job = ChainJob(cfg, data, None, transport=timer)
+    epoch = timed(lambda: job.data_owner.train_round(0))
+    busy = {"data_owner": epoch - timer.waiting["data_owner"]}
+    busy.update({t.name: timer.busy[t.name] for t in job.trainers})
+    return epoch, busy
 
 
 def bench_pipeline(
     cfg: JobConfig, data: DatasetSplits, repeats: int = 3, micros: list[int] | None = None
 ) -> PipelineBench:
+    """Medians over `repeats` of every micro-batch count, interleaved (1, 2, 4, 8, 1, 2, ...)."""
     cfg = cfg.replace(training={"epochs": 1})
+    runs: dict[int, list[tuple[float, dict[str, float]]]] = {m: [] for m in micros or MICROS}
+    for _ in range(repeats):
+        for m in runs:
+            runs[m].append(stage_times(cfg.replace(training={"micro_batches": m}), data))
     points = [
-        stage_times(cfg.replace(training={"micro_batches": m}), data, repeats) for m in micros or MICROS
+        StageTimes(m, median([e for e, _ in rs]), {p: median([b[p] for _, b in rs]) for p in rs[0][1]})
+        for m, rs in runs.items()
     ]
     return PipelineBench(points, len(data.train_x), cfg.training.batch_size, cfg.model.n_trainers)
