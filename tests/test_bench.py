@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from clicooper.bench.common import to_json
 from clicooper.bench.links import LinkShim, LinkSpec, StageTimer, ThreadedTransport, wire_size
-from clicooper.bench.suite import BENCHMARKS
+from clicooper.bench.suite import BENCHMARKS, Options
 from clicooper.transport import Forward, Header
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.mark.parametrize("name", [n for n in BENCHMARKS if n != "multiprocess"])
 def test_quick_benchmark_runs(name):
-    result = BENCHMARKS[name].run(True, 1)
+    result = BENCHMARKS[name].run(Options(quick=True, repeats=1))
     cols = result.columns()
     rows = result.rows()
     assert rows and all(len(r) == len(cols) for r in rows)
@@ -29,7 +29,7 @@ def test_quick_benchmark_runs(name):
 
 
 def test_quick_multiprocess_chain_reports_rss_per_process():
-    result = BENCHMARKS["multiprocess"].run(True, 1)
+    result = BENCHMARKS["multiprocess"].run(Options(quick=True, repeats=1))
     assert set(result.epoch_s) == {"in-process", "gRPC + mTLS"}
     assert all(len(ts) == 1 and ts[0] > 0 for ts in result.epoch_s.values())
     assert {r.party for r in result.rss} == {"data_owner", "trainer_1"}

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from clicooper.bench.common import write_json
 from clicooper.bench.report import machine_line, render
-from clicooper.bench.suite import BENCHMARKS, Benchmark
+from clicooper.bench.suite import BENCHMARKS, Benchmark, Options
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BENCHMARKS.md).")
 console = Console()
@@ -31,7 +31,7 @@ def _run(
         torch.set_num_threads(threads)
     console.print(machine_line(), highlight=False)
     for b in benches:
-        result = b.run(quick, repeats)
+        result = b.run(Options(quick, repeats, threads))
         render(result, console)
         if out is not None:
             console.print(f"  -> {write_json(result, out)}", highlight=False)

@@ -6,6 +6,7 @@ machine: the relay on the full training set, the others on subsets named in thei
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,62 +24,73 @@ from clicooper.job import prepare_data
 
 
 @dataclass(frozen=True)
+class Options:
+    quick: bool = False
+    repeats: int | None = None  # None: each benchmark's default
+    threads: int | None = None  # torch threads set for the run (None: torch's default)
+
+
+@dataclass(frozen=True)
 class Benchmark:
     name: str
     help: str
-    run: Callable[[bool, int | None], BenchResult]  # (quick, repeats or None for the default)
+    run: Callable[[Options], BenchResult]
 
 
-def _relay(quick: bool, repeats: int | None) -> BenchResult:
-    cfg = bench_config(quick)
-    return bench_relay(cfg, prepare_data(cfg), repeats or (1 if quick else 3))
+def _relay(o: Options) -> BenchResult:
+    """At one thread and at every core, unless --threads fixed the count."""
+    cfg = bench_config(o.quick)
+    threads = None if o.threads is not None else sorted({1, os.cpu_count() or 1})
+    return bench_relay(cfg, prepare_data(cfg), o.repeats or (1 if o.quick else 3), threads)
 
 
-def _protections(quick: bool, repeats: int | None) -> BenchResult:
-    cfg = bench_config(quick) if quick else bench_config(False, data={"train_subset": 12800})
-    return bench_protections(cfg, prepare_data(cfg), repeats or (1 if quick else 3))
+def _protections(o: Options) -> BenchResult:
+    cfg = bench_config(o.quick) if o.quick else bench_config(False, data={"train_subset": 12800})
+    return bench_protections(cfg, prepare_data(cfg), o.repeats or (1 if o.quick else 3))
 
 
-def _codec(quick: bool, repeats: int | None) -> BenchResult:
-    return bench_codec(QUICK_SIZES if quick else None, repeats or (1 if quick else 9))
+def _codec(o: Options) -> BenchResult:
+    return bench_codec(QUICK_SIZES if o.quick else None, o.repeats or (1 if o.quick else 9))
 
 
-def _verification(quick: bool, repeats: int | None) -> BenchResult:
-    cfg = bench_config(quick) if quick else bench_config(False, data={"train_subset": 12800})
-    return bench_verification(cfg, prepare_data(cfg), repeats or 1)
+def _verification(o: Options) -> BenchResult:
+    cfg = bench_config(o.quick) if o.quick else bench_config(False, data={"train_subset": 12800})
+    return bench_verification(cfg, prepare_data(cfg), o.repeats or 1)
 
 
-def _scaling(quick: bool, repeats: int | None) -> BenchResult:
-    if quick:
+def _scaling(o: Options) -> BenchResult:
+    if o.quick:
         cfg = bench_config(True)
-        return bench_scaling(cfg, prepare_data(cfg), repeats or 1, trainers=[1, 8], batches=[128])
+        return bench_scaling(cfg, prepare_data(cfg), o.repeats or 1, trainers=[1, 8], batches=[128])
     cfg = bench_config(False, data={"train_subset": 6400})
-    return bench_scaling(cfg, prepare_data(cfg), repeats or 3)
+    return bench_scaling(cfg, prepare_data(cfg), o.repeats or 3)
 
 
-def _multiprocess(quick: bool, repeats: int | None) -> BenchResult:
-    if quick:
+def _multiprocess(o: Options) -> BenchResult:
+    if o.quick:
         cfg = bench_config(True, model={"n_trainers": 1}, training={"batch_size": 128})
-        return bench_multiprocess(cfg, prepare_data(cfg), repeats or 1)
+        return bench_multiprocess(cfg, prepare_data(cfg), o.repeats or 1, threads=o.threads)
     cfg = bench_config(False, data={"train_subset": 6400}, training={"batch_size": 128})
     variants = {"gRPC + mTLS": {}, "gRPC + mTLS, 4 micro-batches": {"micro_batches": 4}}
-    return bench_multiprocess(cfg, prepare_data(cfg), repeats or 3, variants=variants)
+    return bench_multiprocess(cfg, prepare_data(cfg), o.repeats or 3, variants=variants, threads=o.threads)
 
 
-def _pipeline(quick: bool, repeats: int | None) -> BenchResult:
-    cfg = bench_config(quick, training={"batch_size": 128})
-    if not quick:
+def _pipeline(o: Options) -> BenchResult:
+    cfg = bench_config(o.quick, training={"batch_size": 128})
+    if not o.quick:
         cfg = cfg.replace(data={"train_subset": 6400})
-    return bench_pipeline(cfg, prepare_data(cfg), repeats or (1 if quick else 3), [1, 4] if quick else None)
+    return bench_pipeline(
+        cfg, prepare_data(cfg), o.repeats or (1 if o.quick else 3), [1, 4] if o.quick else None
+    )
 
 
-def _wan(quick: bool, repeats: int | None) -> BenchResult:
-    cfg = bench_config(quick, training={"batch_size": 128})
-    if quick:
+def _wan(o: Options) -> BenchResult:
+    cfg = bench_config(o.quick, training={"batch_size": 128})
+    if o.quick:
         links = [LinkSpec(0.010, 100e6)]
         return bench_wan(cfg, prepare_data(cfg), 1, links, [1, 4])
     cfg = cfg.replace(data={"train_subset": 1280})
-    return bench_wan(cfg, prepare_data(cfg), repeats or 1)
+    return bench_wan(cfg, prepare_data(cfg), o.repeats or 1)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
