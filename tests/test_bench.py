@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.mark.parametrize("name", [n for n in BENCHMARKS if n != "multiprocess"])
 def test_quick_benchmark_runs(name):
-    result = BENCHMARKS[name].run(Options(quick=True, repeats=1))
+    result = BENCHMARKS[name].run(Options(quick=True, repeats=1, threads=1))  # conftest: 1 thread
     cols = result.columns()
     rows = result.rows()
     assert rows and all(len(r) == len(cols) for r in rows)
