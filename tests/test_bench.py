@@ -58,6 +58,16 @@ def test_link_shim_delays_by_latency_and_rate_in_order():
     assert shim.busy["trainer_1"] >= 0
 
 
+def test_acked_link_blocks_the_sender_for_the_round_trip():
+    shim = LinkShim(ThreadedTransport(), LinkSpec(latency_s=0.02, rate_bps=None, acked=True))
+    shim.register("trainer_1", lambda m: None)
+    shim.register("data_owner", None)
+    t0 = time.perf_counter()
+    shim.send(Forward(header=Header("j", "data_owner", "trainer_1", 0, 0, 1), activation=torch.zeros(4)))
+    assert time.perf_counter() - t0 >= 0.04 - 1e-3
+    shim.close()
+
+
 def test_stage_timer_counts_waiting_of_the_pulling_party(digits):
     from clicooper.job import ChainJob
     from clicooper.transport import InProcTransport

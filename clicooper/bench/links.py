@@ -9,6 +9,8 @@ shaped to a one-way latency and a rate.
 - `LinkShim`: a `StageTimer` whose sends are delayed as on a WAN link: each directed link carries
   one message at a time at `rate_bps` (serialisation), then the message arrives `latency_s` later.
   Delivery order per link is kept. Sizes are the tensors' bytes plus a 256-byte header allowance.
+  With `acked`, `send` also returns only when the receiver's acknowledgement would be back (arrival
+  plus one more latency), as the gRPC transport's per-frame acknowledgements make it.
 """
 
 from __future__ import annotations
@@ -137,10 +139,11 @@ class StageTimer(Transport):
 class LinkSpec:
     latency_s: float  # one way
     rate_bps: float | None  # bits per second; None: unlimited
+    acked: bool = False  # send blocks until the acknowledgement is back (gRPC's per-frame ack)
 
     def label(self) -> str:
         rate = "unlimited" if self.rate_bps is None else _rate(self.rate_bps)
-        return f"{self.latency_s * 1e3:g} ms, {rate}"
+        return f"{self.latency_s * 1e3:g} ms, {rate}" + (", acked sends" if self.acked else "")
 
 
 def _rate(bps: float) -> str:
@@ -179,8 +182,11 @@ class LinkShim(StageTimer):
             busy = wire_size(msg) * 8 / self.link.rate_bps if self.link.rate_bps else 0.0
             self._free_at[hop] = start + busy
             self._order += 1  # FIFO per link: a later message never arrives before an earlier one
-            heapq.heappush(self._heap, (start + busy + self.link.latency_s, self._order, msg))
+            arrival = start + busy + self.link.latency_s
+            heapq.heappush(self._heap, (arrival, self._order, msg))
             self._cv.notify()
+        if self.link.acked:  # the sender waits for the receiver's acknowledgement to travel back
+            time.sleep(max(0.0, arrival + self.link.latency_s - time.perf_counter()))
 
     def _deliver(self) -> None:
         while True:

@@ -2,8 +2,9 @@
 
 Every party runs on its own thread (`ThreadedTransport`) behind a `LinkShim`; one training epoch of
 a subset of the default job at batch 128 per (link, micro-batches) point, with each party's idle
-share (1 - busy / epoch). The issue's target: at 10 ms and 100 Mbit/s with 3 trainers, the pipelined
-epoch at most half the unpipelined one.
+share (1 - busy / epoch). One more point repeats 10 ms / 100 Mbit/s with sends that block until
+the acknowledgement is back, as the gRPC transport's are. The issue's target: at 10 ms and
+100 Mbit/s with 3 trainers, the pipelined epoch at most half the unpipelined one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from clicooper.config import JobConfig
 from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob
 
-LINKS = [LinkSpec(latency, rate) for latency in (0.001, 0.010, 0.050) for rate in (100e6, 1e9)]
+LINKS = [LinkSpec(latency, rate) for latency in (0.001, 0.010, 0.050) for rate in (100e6, 1e9)] + [
+    LinkSpec(0.010, 100e6, acked=True)  # what gRPC's per-frame acknowledgements would do to it
+]
 MICROS = [1, 8]
 
 
@@ -28,6 +31,7 @@ class WanPoint:
     micro_batches: int
     epoch_s: list[float]
     idle_share: dict[str, float]
+    acked: bool = False
 
 
 @dataclass
@@ -101,5 +105,5 @@ def bench_wan(
                 idle[m].append(share)
         for m, ts in runs.items():
             share = {p: median([s[p] for s in idle[m]]) for p in idle[m][0]}
-            points.append(WanPoint(link.label(), link.latency_s, link.rate_bps, m, ts, share))
+            points.append(WanPoint(link.label(), link.latency_s, link.rate_bps, m, ts, share, link.acked))
     return WanBench(points, len(data.train_x), cfg.training.batch_size, cfg.model.n_trainers)
