@@ -19,17 +19,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from clicooper.bench.cli import bench_app
 from clicooper.checkpoint import CheckpointError
 from clicooper.config import NO_DEFENCES, ConfigError, JobConfig, load_config, parse_config
 from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob, RunSummary, new_run_dir, prepare_data, train_centralized
 from clicooper.parties.base import ProtocolError
 from clicooper.privacy.accounting import BudgetExceeded
+from clicooper.threads import apply_threads
 
 EXIT_USAGE, EXIT_REJECTED, EXIT_NO_MATCH, EXIT_BAD_CERTIFICATE = 2, 3, 4, 5
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BENCHMARKS.md).")
 app.add_typer(bench_app, name="bench")
 verify_app = typer.Typer(no_args_is_help=True, help="The verifier: check a job, or an ownership claim.")
 app.add_typer(verify_app, name="verify")
@@ -157,6 +158,7 @@ def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSumm
 
     A run that fails to start leaves no run folder behind (a resumed one keeps its folder); a run
     whose chain the verifier rejects exits with EXIT_REJECTED after printing its summary."""
+    apply_threads(cfg.job.threads)
     try:
         data = prepare_data(cfg)
         job = ChainJob(cfg, data, run_dir)
@@ -738,34 +740,6 @@ def attack_extraction(config: ConfigArg = None, quick: QuickOpt = False) -> None
         "model extraction (surrogate accuracy)",
         extraction_rows(job, cfg, data, aux, test, sizes, quick, cfg.job.seed),
     )
-
-
-@bench_app.command("relay")
-def bench_relay_cmd(
-    quick: Annotated[
-        bool, typer.Option("--quick", help="A 6,400-sample subset instead of the full epoch.")
-    ] = False,
-    repeats: Annotated[int, typer.Option(min=1)] = 3,
-) -> None:
-    """Epoch time of centralized training vs the in-process 3-trainer chain on the default job."""
-    from clicooper.bench import bench_relay
-
-    cfg = parse_config(PLAIN).replace(data={"train_subset": 6400, "test_subset": 100} if quick else {})
-    r = bench_relay(cfg, prepare_data(cfg), repeats)
-    t = Table(title=f"relay benchmark ({r.n_train} samples, batch {r.batch_size}, {r.n_trainers} trainers)")
-    t.add_column("mode")
-    t.add_column("epoch times (s)")
-    t.add_column("median (s)")
-    import statistics
-
-    t.add_row(
-        "centralized",
-        ", ".join(f"{x:.2f}" for x in r.centralized_s),
-        f"{statistics.median(r.centralized_s):.2f}",
-    )
-    t.add_row("chain", ", ".join(f"{x:.2f}" for x in r.chain_s), f"{statistics.median(r.chain_s):.2f}")
-    console.print(t)
-    console.print(f"ratio chain/centralized: [bold]{r.ratio:.3f}[/] (target <= 1.10); machine: {r.machine()}")
 
 
 def main() -> None:  # pragma: no cover

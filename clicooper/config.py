@@ -58,6 +58,9 @@ class JobSection(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     seed: StrictInt = Field(0, ge=0, lt=2**63)
     run_root: Path = Path("runs")
+    # torch intra-op threads per party process (None: the machine's cores shared among the party
+    # processes on it; in-process, torch's default). Not part of the job: a resume may change it.
+    threads: StrictInt | None = Field(None, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _safe_root(self) -> JobSection:
@@ -140,6 +143,10 @@ class TrainingSection(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1e3)
+    # Pipelined relay: each batch is sent as this many micro-batches before the data owner waits for
+    # their gradients (GPipe fill and drain); every party accumulates and steps once per batch, so the
+    # result equals the unpipelined one up to float rounding (for models without batch norm).
+    micro_batches: StrictInt = Field(1, ge=1, le=1024)
 
 
 class PrivacySection(_Section):
@@ -260,6 +267,8 @@ class JobConfig(_Section):
                 f"model.head_blocks = {m.head_blocks} leaves too few of {m.arch}'s {n_blocks} blocks for "
                 f"{m.n_trainers} trainer(s)" + (" and the U-shaped tail" if u else "")
             )
+        if u and self.training.micro_batches > 1:
+            raise ValueError("training.micro_batches > 1 is not supported with privacy.u_shaped = true")
         dataset = self.data.dataset.strip().lower().replace("_", "-")
         if dataset in TABULAR_DATASETS and m.arch != "mlp":
             raise ValueError(f"model.arch = {m.arch!r} is an image model; {dataset} is tabular (use mlp)")
@@ -351,7 +360,9 @@ class ResumeError(ConfigError):
 
 # What a resumed run may change: nothing that affects the model, the data, the privacy mechanism
 # or the protocol. Everything else is pinned to the configuration the run started with.
-RESUME_MUTABLE = frozenset({"job.name", "job.run_root", "training.epochs", "training.eval_batch_size"})
+RESUME_MUTABLE = frozenset(
+    {"job.name", "job.run_root", "job.threads", "training.epochs", "training.eval_batch_size"}
+)
 _PINNED_WHY = {
     "job": "the data order and seeds",
     "data": "the data",

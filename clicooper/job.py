@@ -401,6 +401,7 @@ class ChainJob:
             verifier="verifier" if wm else None,
             checkpoint_dir=run_dir / "data_owner" if run_dir else None,
             lr_schedule=lr_at,
+            micro_batches=tcfg.micro_batches,
         )
         for t in self.trainers:
             t.register_with_verifier()

@@ -78,8 +78,12 @@ class DataOwner(Party):
         checkpoint_dir: Path | None = None,
         name: str = "data_owner",
         lr_schedule: RoundLr | None = None,
+        micro_batches: int = 1,
     ) -> None:
         super().__init__(name, job_id, transport)
+        if micro_batches > 1 and tail is not None:
+            raise ValueError("micro-batches are not supported in U-shaped mode")
+        self.micro_batches = micro_batches
         self.data = data
         self.head, self.head_optimizer = head, head_optimizer
         self.tail, self.tail_optimizer = tail, tail_optimizer
@@ -174,35 +178,97 @@ class DataOwner(Party):
         for step, ids in enumerate(batches):
             if len(ids) == 0:  # an empty Poisson batch: nothing is released
                 continue
-            x, y = self.data.train_x[ids], self.data.train_y[ids]
-            if released_all is not None:
-                a_rel = released_all[ids]
+            if self.micro_batches > 1:
+                loss_sum = self._pipelined_step(rnd, step, ids, released_all)
             else:
-                a = self.head(x)
-                a_rel = self.defence.release(a, train=True) if self.defence else a
-            if self.tail is None:
-                self.send(Targets, self.last, rnd, step, labels=self._encode_labels(y, ids, rnd))
-            self.send(Forward, self.first, rnd, step, activation=a_rel.detach(), train=True)
-            if self.tail is not None:
-                self._tail_step(rnd, step, self._loss_labels(y, ids))
-            reply: Backward = self._receive(Backward, rnd, step)
-            check_tensor(
-                reply.grad,
-                where=f"{self.name}: gradient from {self.first}",
-                dtype=torch.float32,
-                shape=tuple(a_rel.shape),
-            )
-            if released_all is None and self.head_optimizer is not None:
-                self.head_optimizer.zero_grad(set_to_none=True)
-                a_rel.backward(reply.grad)
-                self.head_optimizer.step()
-            losses.append(reply.loss * len(ids))
+                loss_sum = self._step(rnd, step, ids, released_all)
+            losses.append(loss_sum)
             samples += len(ids)
             if on_step is not None:
                 on_step(step + 1, n_steps)
         self.last_round_steps = n_steps
         self._end_round(rnd, n_steps, samples)
         return sum(losses) / max(samples, 1)
+
+    def _release(self, ids: torch.Tensor, released_all: torch.Tensor | None) -> torch.Tensor:
+        if released_all is not None:
+            return released_all[ids]
+        a = self.head(self.data.train_x[ids])
+        return self.defence.release(a, train=True) if self.defence else a
+
+    def _receive_grad(self, rnd: int, step: int, like: torch.Tensor) -> Backward:
+        reply: Backward = self._receive(Backward, rnd, step)
+        check_tensor(
+            reply.grad,
+            where=f"{self.name}: gradient from {self.first}",
+            dtype=torch.float32,
+            shape=tuple(like.shape),
+        )
+        return reply
+
+    def _step(self, rnd: int, step: int, ids: torch.Tensor, released_all: torch.Tensor | None) -> float:
+        """One unpipelined step; returns the chain's loss times the batch size."""
+        y = self.data.train_y[ids]
+        a_rel = self._release(ids, released_all)
+        if self.tail is None:
+            self.send(Targets, self.last, rnd, step, labels=self._encode_labels(y, ids, rnd))
+        self.send(Forward, self.first, rnd, step, activation=a_rel.detach(), train=True)
+        if self.tail is not None:
+            self._tail_step(rnd, step, self._loss_labels(y, ids))
+        reply = self._receive_grad(rnd, step, a_rel)
+        if released_all is None and self.head_optimizer is not None:
+            self.head_optimizer.zero_grad(set_to_none=True)
+            a_rel.backward(reply.grad)
+            self.head_optimizer.step()
+        return reply.loss * len(ids)
+
+    def _pipelined_step(
+        self, rnd: int, step: int, ids: torch.Tensor, released_all: torch.Tensor | None
+    ) -> float:
+        """One step as micro-batches (GPipe fill and drain): every micro-batch's Forward goes out before
+        any gradient is awaited, so trainers work on different micro-batches at once; the head
+        accumulates the gradients of all of them and steps once, as the trainers do."""
+        chunks = [c for c in torch.tensor_split(ids, min(self.micro_batches, len(ids))) if len(c)]
+        released = []
+        for m, cids in enumerate(chunks):
+            a_rel = self._release(cids, released_all)
+            labels = self._encode_labels(self.data.train_y[cids], cids, rnd)
+            self.send(Targets, self.last, rnd, step, labels=labels, micro=m, batch_rows=len(ids))
+            self.send(
+                Forward,
+                self.first,
+                rnd,
+                step,
+                activation=a_rel.detach(),
+                train=True,
+                micro=m,
+                micros=len(chunks),
+            )
+            released.append(a_rel)
+        trains = released_all is None and self.head_optimizer is not None
+        if trains:
+            self.head_optimizer.zero_grad(set_to_none=True)
+        loss_sum, pending = 0.0, set(range(len(chunks)))
+        for _ in chunks:
+            reply: Backward = self._receive(Backward, rnd, step)
+            if reply.micro not in pending:
+                raise ProtocolError(
+                    f"{self.name}: unexpected or repeated gradient for micro-batch {reply.micro}"
+                )
+            pending.discard(reply.micro)
+            a_rel = released[reply.micro]
+            check_tensor(
+                reply.grad,
+                where=f"{self.name}: gradient from {self.first}",
+                dtype=torch.float32,
+                shape=tuple(a_rel.shape),
+            )
+            if trains:
+                a_rel.backward(reply.grad)
+            loss_sum += reply.loss * len(a_rel)
+        if trains:
+            self.head_optimizer.step()
+        return loss_sum
 
     def _tail_step(self, rnd: int, step: int, y: torch.Tensor) -> None:
         """U-shaped: compute the loss on the returned features and send their gradient back."""

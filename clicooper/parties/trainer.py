@@ -50,10 +50,22 @@ class TrainerHooks(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+MAX_MICROS = 1024  # micro-batches per step a peer may announce (config: training.micro_batches)
+
+
 @dataclass
 class _InFlight:
     inputs: torch.Tensor
     outputs: torch.Tensor
+
+
+@dataclass
+class _Accumulating:
+    """A step whose micro-batches are still coming back: gradients accumulate until all are in."""
+
+    micros: int
+    forwarded: int = 0
+    backwarded: int = 0
 
 
 class Trainer(Party):
@@ -92,8 +104,9 @@ class Trainer(Party):
         if (hooks is None) != (verifier is None):
             raise ValueError(f"{name}: provenance hooks and a verifier go together")
         self.checkpoint_dir = checkpoint_dir
-        self._inflight: dict[tuple[int, int], _InFlight] = {}
-        self._targets: dict[tuple[int, int], torch.Tensor] = {}
+        self._inflight: dict[tuple[int, int, int], _InFlight] = {}  # (round, step, micro)
+        self._targets: dict[tuple[int, int, int], tuple[torch.Tensor, int]] = {}  # labels, step rows
+        self._steps: dict[tuple[int, int], _Accumulating] = {}
         self._last_train_step: tuple[int, int] = (-1, -1)
         self.round_steps = 0
         self.round_samples = 0
@@ -163,49 +176,73 @@ class Trainer(Party):
                 out = self.segment(x)
             self._emit_forward(key, out, train=False)
             return
-        if key <= self._last_train_step:
-            raise ProtocolError(f"{self.name}: training step {key} arrived after {self._last_train_step}")
-        if self.lr_schedule is not None and key[0] != self._last_train_step[0]:
-            set_lr(self.optimizer, self.lr_schedule(key[0]))  # the first training step of a round
-        self._last_train_step = key
+        self._start_micro(key, msg.micro, msg.micros)
         self._observe(self.prev, "in", key, x)
         self.segment.train()
         x = x.requires_grad_(True)
         out = self.segment(x)
-        self.round_steps += 1
         self.round_samples += x.shape[0]
+        mkey = (*key, msg.micro)
         if self.is_last and not self.u_shaped:
-            targets = self._targets.pop(key, None)
+            targets, rows = self._targets.pop(mkey, (None, 0))
             if targets is None:
-                raise ProtocolError(f"{self.name}: no targets from {self.data_owner} for step {key}")
-            if targets.shape[0] != out.shape[0]:
+                where = f"{key} micro-batch {msg.micro}" if msg.micros > 1 else f"{key}"
+                raise ProtocolError(f"{self.name}: no targets from {self.data_owner} for step {where}")
+            if targets.shape[0] != out.shape[0] or rows < 0 or (rows and rows < out.shape[0]):
                 raise ProtocolError(f"{self.name}: {targets.shape[0]} targets for a batch of {out.shape[0]}")
             loss = F.cross_entropy(out, targets)
-            self._backward_and_step(key, x, loss, float(loss.detach()))
+            weighted = loss * (out.shape[0] / rows) if rows else loss  # a micro-batch's share of the step
+            self._backward_and_step(mkey, x, weighted, float(loss.detach()))
             return
-        self._inflight[key] = _InFlight(x, out)
-        self._emit_forward(key, out.detach(), train=True)
+        self._inflight[mkey] = _InFlight(x, out)
+        self._emit_forward(key, out.detach(), train=True, micro=msg.micro, micros=msg.micros)
 
-    def _emit_forward(self, key: tuple[int, int], out: torch.Tensor, *, train: bool) -> None:
+    def _start_micro(self, key: tuple[int, int], micro: int, micros: int) -> None:
+        """Order checks for a training Forward: steps in increasing order, and within a pipelined step
+        its micro-batches 0..micros-1 in order; the step is counted (and the round's learning rate set)
+        at its first micro-batch."""
+        acc = self._steps.get(key)
+        if acc is None:
+            if key <= self._last_train_step:
+                raise ProtocolError(f"{self.name}: training step {key} arrived after {self._last_train_step}")
+            if not 1 <= micros <= MAX_MICROS or micro != 0:
+                raise ProtocolError(f"{self.name}: step {key} starts with micro-batch {micro} of {micros}")
+            if self.lr_schedule is not None and key[0] != self._last_train_step[0]:
+                set_lr(self.optimizer, self.lr_schedule(key[0]))  # the first training step of a round
+            self._last_train_step = key
+            acc = self._steps[key] = _Accumulating(micros)
+            self.round_steps += 1
+        elif micros != acc.micros or micro != acc.forwarded:
+            raise ProtocolError(
+                f"{self.name}: step {key}: micro-batch {micro} of {micros} "
+                f"after {acc.forwarded} of {acc.micros}"
+            )
+        acc.forwarded += 1
+
+    def _emit_forward(
+        self, key: tuple[int, int], out: torch.Tensor, *, train: bool, micro: int = 0, micros: int = 1
+    ) -> None:
         if self.is_last:
             self.send(Output, self.data_owner, *key, output=out.detach(), train=train)
         else:
             if train:
                 self._observe(self.next, "out", key, out)
-            self.send(Forward, self.next, *key, activation=out.detach(), train=train)
+            self.send(
+                Forward, self.next, *key, activation=out.detach(), train=train, micro=micro, micros=micros
+            )
 
     def _on_targets(self, msg: Targets) -> None:
-        key = (msg.header.round, msg.header.step)
+        key = (msg.header.round, msg.header.step, msg.micro)
         check_tensor(msg.labels, where=f"{self.name}: targets", dtype=torch.int64, shape=(None,))
         n_out = self.num_outputs or 0
         if msg.labels.numel() and (int(msg.labels.min()) < 0 or int(msg.labels.max()) >= n_out):
             raise ProtocolError(f"{self.name}: target labels outside 0..{n_out - 1}")
         if key in self._targets:
             raise ProtocolError(f"{self.name}: duplicate targets for step {key}")
-        self._targets[key] = msg.labels
+        self._targets[key] = (msg.labels, msg.batch_rows)
 
     def _on_backward(self, msg: Backward) -> None:
-        key = (msg.header.round, msg.header.step)
+        key = (msg.header.round, msg.header.step, msg.micro)
         state = self._inflight.pop(key, None)
         if state is None:
             raise ProtocolError(f"{self.name}: gradient for unknown step {key} from {msg.header.sender}")
@@ -215,36 +252,46 @@ class Trainer(Party):
             dtype=torch.float32,
             shape=tuple(state.outputs.shape),
         )
-        self._observe(msg.header.sender, "in", key, msg.grad)
+        self._observe(msg.header.sender, "in", key[:2], msg.grad)
         self._backward_and_step(key, state.inputs, state.outputs, msg.loss, msg.grad)
 
     def _backward_and_step(
         self,
-        key: tuple[int, int],
+        key: tuple[int, int, int],
         x: torch.Tensor,
         out: torch.Tensor,
         report: float,
         grad_out: torch.Tensor | None = None,
     ) -> None:
-        """Back-propagate (`out` with upstream gradient `grad_out`, or `out` as the loss) plus this
-        trainer's own regulariser, step its optimiser, and send dL/dx upstream."""
+        """Back-propagate (`out` with upstream gradient `grad_out`, or `out` as the loss) and send dL/dx
+        upstream. Gradients accumulate over a step's micro-batches: the optimiser is zeroed at the
+        step's first backward (which also adds this trainer's own regulariser, once per step, as
+        unpipelined) and steps at its last."""
+        step = key[:2]
+        acc = self._steps[step]
         tensors, grads = [out], [grad_out]
-        if self.hooks is not None:
-            reg = self.hooks.regulariser(self.segment)
+        if acc.backwarded == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            reg = self.hooks.regulariser(self.segment) if self.hooks is not None else None
             if reg is not None:
                 tensors.append(reg)
                 grads.append(None)
-        self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(tensors, grads)
-        self.optimizer.step()
+        acc.backwarded += 1
+        if acc.backwarded == acc.micros:
+            self.optimizer.step()
+            del self._steps[step]
         grad = x.grad if x.grad is not None else torch.zeros_like(x)
-        self._observe(self.prev, "out", key, grad)
-        self.send(Backward, self.prev, *key, grad=grad, loss=report)
+        self._observe(self.prev, "out", step, grad)
+        self.send(Backward, self.prev, *step, grad=grad, loss=report, micro=key[2])
 
     def _on_round_end(self, msg: RoundEnd) -> None:
         rnd = msg.header.round
-        if self._inflight or self._targets:
-            raise ProtocolError(f"{self.name}: round {rnd} ended with {len(self._inflight)} steps in flight")
+        if self._inflight or self._targets or self._steps:
+            raise ProtocolError(
+                f"{self.name}: round {rnd} ended with "
+                f"{len(self._inflight) or len(self._steps)} steps in flight"
+            )
         if self.hooks is not None:
             record, attestations = self.hooks.seal(self.segment, rnd, self.round_steps, self.round_samples)
             self.send(

@@ -44,13 +44,28 @@ def _frame(*parts: bytes) -> bytes:
     return b"".join(struct.pack(">Q", len(p)) + p for p in parts)
 
 
-def tensor_payload(t: torch.Tensor) -> bytes:
-    """Canonical bytes of a tensor: dtype, shape and raw little-endian contiguous data."""
+def _tensor_parts(t: torch.Tensor) -> tuple[bytes, memoryview]:
+    """`tensor_payload` as (framed dtype, shape and raw length; a view of the raw bytes), no copy."""
     if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
         raise RuntimeError("canonical tensor bytes assume a little-endian host")
     t = t.detach().cpu().contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return _frame(str(t.dtype).encode(), json.dumps(list(t.shape)).encode(), raw)
+    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    head = _frame(str(t.dtype).encode(), json.dumps(list(t.shape)).encode()) + struct.pack(">Q", raw.nbytes)
+    return head, raw
+
+
+def tensor_payload(t: torch.Tensor) -> bytes:
+    """Canonical bytes of a tensor: dtype, shape and raw little-endian contiguous data."""
+    head, raw = _tensor_parts(t)
+    return head + raw.tobytes()
+
+
+def _update_framed_tensor(h: Any, prefix: bytes, t: torch.Tensor) -> None:
+    """Feed `_frame(prefix + tensor_payload(t))` into the hash `h` without copying the tensor: large
+    activations are hashed once, straight from their memory."""
+    head, raw = _tensor_parts(t)
+    h.update(struct.pack(">Q", len(prefix) + len(head) + raw.nbytes) + prefix + head)
+    h.update(raw)
 
 
 def segment_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -61,7 +76,8 @@ def segment_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     """
     h = hashlib.sha256(_SEGMENT_DOMAIN)
     for name in sorted(state_dict):
-        h.update(_frame(name.encode(), tensor_payload(state_dict[name])))
+        h.update(_frame(name.encode()))
+        _update_framed_tensor(h, b"", state_dict[name])
     return h.hexdigest()
 
 
@@ -98,8 +114,14 @@ class TranscriptHasher:
         self._count[direction] += 1
 
     def update_tensor(self, direction: Direction, rnd: int, step: int, tensor: torch.Tensor) -> None:
-        """Hash one relayed tensor together with the (round, step) it belongs to."""
-        self.update(direction, struct.pack(">QQ", rnd, step) + tensor_payload(tensor))
+        """Hash one relayed tensor together with the (round, step) it belongs to; the same digest as
+        `update(direction, pack(rnd, step) + tensor_payload(tensor))`, without copying the tensor."""
+        if direction not in self._chain:
+            raise ValueError(f"transcript direction must be 'forward' or 'backward', got {direction!r}")
+        h = hashlib.sha256(self._chain[direction])
+        _update_framed_tensor(h, struct.pack(">QQ", rnd, step), tensor)
+        self._chain[direction] = h.digest()
+        self._count[direction] += 1
 
     def digest(self) -> str:
         return hashlib.sha256(

@@ -120,6 +120,8 @@ def _check_header_ints(hdr: Header, where: str) -> None:
 
 def _json_depth_ok(text: str) -> bool:
     """Nesting depth of a JSON text at most MAX_JSON_DEPTH (checked before parsing: no recursion)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return True  # depth never exceeds the number of openers: no need to walk the text
     depth = 0
     in_str = esc = False
     for ch in text:

@@ -33,19 +33,29 @@ class Message:
 
 @dataclass(frozen=True)
 class Forward(Message):
-    """Activations flowing down the chain. `train=False` marks an inference pass."""
+    """Activations flowing down the chain. `train=False` marks an inference pass.
+
+    A pipelined step is split into `micros` micro-batches sent one after another (`micro` is this
+    one's index); trainers accumulate gradients over all of them and step once per step."""
 
     KIND: ClassVar[str] = "forward"
     activation: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     train: bool = True
+    micro: int = 0
+    micros: int = 1
 
 
 @dataclass(frozen=True)
 class Targets(Message):
-    """Pseudo-labels for one step, sent by the data owner straight to the last trainer."""
+    """Pseudo-labels for one step (or one micro-batch of it), sent by the data owner straight to the
+    last trainer. `batch_rows` is the whole step's size (0: the labels are the whole step): the loss
+    of a micro-batch is weighted by its share of the step, so accumulated gradients equal the
+    unpipelined step's."""
 
     KIND: ClassVar[str] = "targets"
     labels: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    micro: int = 0
+    batch_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Backward(Message):
     KIND: ClassVar[str] = "backward"
     grad: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     loss: float = 0.0
+    micro: int = 0
 
 
 @dataclass(frozen=True)

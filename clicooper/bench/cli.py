@@ -1,0 +1,59 @@
+"""`clicooper bench NAME|all [--quick] [--repeats N] [--threads N] [--out DIR]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+
+from clicooper.bench.common import write_json
+from clicooper.bench.report import machine_line, render
+from clicooper.bench.suite import BENCHMARKS, Benchmark, Options
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results go to BENCHMARKS.md).")
+console = Console()
+
+QuickOpt = Annotated[bool, typer.Option("--quick", help="Seconds instead of minutes (what the tests run).")]
+RepeatsOpt = Annotated[int | None, typer.Option(min=1, help="Repeats per variant (default per benchmark).")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="torch intra-op threads in this process (default: torch's).")
+]
+OutOpt = Annotated[Path | None, typer.Option(help="Folder for one JSON file per benchmark.")]
+
+
+def _run(
+    benches: list[Benchmark], quick: bool, repeats: int | None, threads: int | None, out: Path | None
+) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    console.print(machine_line(), highlight=False)
+    for b in benches:
+        result = b.run(Options(quick, repeats, threads))
+        render(result, console)
+        if out is not None:
+            console.print(f"  -> {write_json(result, out)}", highlight=False)
+
+
+def _command(b: Benchmark) -> None:
+    def cmd(
+        quick: QuickOpt = False, repeats: RepeatsOpt = None, threads: ThreadsOpt = None, out: OutOpt = None
+    ):
+        _run([b], quick, repeats, threads, out)
+
+    cmd.__doc__ = b.help[0].upper() + b.help[1:] + "."
+    bench_app.command(b.name)(cmd)
+
+
+for _b in BENCHMARKS.values():
+    _command(_b)
+
+
+@bench_app.command("all")
+def bench_all(
+    quick: QuickOpt = False, repeats: RepeatsOpt = None, threads: ThreadsOpt = None, out: OutOpt = None
+):
+    """Every benchmark in turn (about ten minutes on an idle 2-core machine)."""
+    _run(list(BENCHMARKS.values()), quick, repeats, threads, out)

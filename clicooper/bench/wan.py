@@ -1,0 +1,109 @@
+"""The chain over shaped links (one-way latency and rate), pipelined and not.
+
+Every party runs on its own thread (`ThreadedTransport`) behind a `LinkShim`; one training epoch of
+a subset of the default job at batch 128 per (link, micro-batches) point, with each party's idle
+share (1 - busy / epoch). One more point repeats 10 ms / 100 Mbit/s with sends that block until
+the acknowledgement is back, as the gRPC transport's are. The issue's target: at 10 ms and
+100 Mbit/s with 3 trainers, the pipelined epoch at most half the unpipelined one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clicooper.bench.common import median, timed
+from clicooper.bench.links import LinkShim, LinkSpec, ThreadedTransport
+from clicooper.config import JobConfig
+from clicooper.data import DatasetSplits
+from clicooper.job import ChainJob
+
+LINKS = [LinkSpec(latency, rate) for latency in (0.001, 0.010, 0.050) for rate in (100e6, 1e9)] + [
+    LinkSpec(0.010, 100e6, acked=True)  # what gRPC's per-frame acknowledgements would do to it
+]
+MICROS = [1, 8]
+
+
+@dataclass
+class WanPoint:
+    link: str
+    latency_s: float
+    rate_bps: float | None
+    micro_batches: int
+    epoch_s: list[float]
+    idle_share: dict[str, float]
+    acked: bool = False
+
+
+@dataclass
+class WanBench:
+    points: list[WanPoint]
+    n_train: int
+    batch_size: int
+    n_trainers: int
+    name: str = field(default="wan")
+
+    def speedup(self, p: WanPoint) -> float:
+        base = next(q for q in self.points if q.link == p.link and q.micro_batches == 1)
+        return median(base.epoch_s) / median(p.epoch_s)
+
+    def title(self) -> str:
+        return (
+            f"shaped links: one epoch of {self.n_train} samples, batch {self.batch_size}, "
+            f"{self.n_trainers} trainers, every party on its own thread"
+        )
+
+    def columns(self) -> list[str]:
+        return ["link (one way)", "micro-batches", "epoch (s)", "pipelined speedup", "idle share per party"]
+
+    def rows(self) -> list[list[str]]:
+        return [
+            [
+                p.link,
+                str(p.micro_batches),
+                f"{median(p.epoch_s):.2f}",
+                f"{self.speedup(p):.2f}x",
+                ", ".join(f"{k.replace('trainer_', 't')} {v:.0%}" for k, v in p.idle_share.items()),
+            ]
+            for p in self.points
+        ]
+
+    def notes(self) -> list[str]:
+        return [
+            "target: at 10 ms / 100 Mbit/s, pipelined epoch <= 0.5 x unpipelined "
+            "(speedup >= 2x); parties share one interpreter (GIL) and this machine's cores"
+        ]
+
+
+def shaped_epoch(cfg: JobConfig, data: DatasetSplits, link: LinkSpec) -> tuple[float, dict[str, float]]:
+    shim = LinkShim(ThreadedTransport(), link)
+    try:
+        job = ChainJob(cfg, data, None, transport=shim)
+        epoch = timed(lambda: job.data_owner.train_round(0))
+        busy = {"data_owner": epoch - shim.waiting["data_owner"]}
+        busy.update({t.name: shim.busy[t.name] for t in job.trainers})
+        return epoch, {p: max(0.0, 1 - b / epoch) for p, b in busy.items()}
+    finally:
+        shim.close()
+
+
+def bench_wan(
+    cfg: JobConfig,
+    data: DatasetSplits,
+    repeats: int = 1,
+    links: list[LinkSpec] | None = None,
+    micros: list[int] | None = None,
+) -> WanBench:
+    cfg = cfg.replace(training={"epochs": 1})
+    points = []
+    for link in links or LINKS:
+        runs = {m: [] for m in micros or MICROS}
+        idle: dict[int, list[dict[str, float]]] = {m: [] for m in runs}
+        for _ in range(repeats):  # interleaved: unpipelined, pipelined, unpipelined, ...
+            for m in runs:
+                t, share = shaped_epoch(cfg.replace(training={"micro_batches": m}), data, link)
+                runs[m].append(t)
+                idle[m].append(share)
+        for m, ts in runs.items():
+            share = {p: median([s[p] for s in idle[m]]) for p in idle[m][0]}
+            points.append(WanPoint(link.label(), link.latency_s, link.rate_bps, m, ts, share, link.acked))
+    return WanBench(points, len(data.train_x), cfg.training.batch_size, cfg.model.n_trainers)

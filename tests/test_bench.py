@@ -1,0 +1,99 @@
+"""Every benchmark's --quick mode runs and returns a well-formed result; the link shim delays and
+keeps order; the CLI writes JSON. (Timings are not asserted: benchmarks are not tests.)"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clicooper.bench.common import to_json
+from clicooper.bench.links import LinkShim, LinkSpec, StageTimer, ThreadedTransport, wire_size
+from clicooper.bench.suite import BENCHMARKS, Options
+from clicooper.transport import Forward, Header
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n != "multiprocess"])
+def test_quick_benchmark_runs(name):
+    result = BENCHMARKS[name].run(Options(quick=True, repeats=1, threads=1))  # conftest: 1 thread
+    cols = result.columns()
+    rows = result.rows()
+    assert rows and all(len(r) == len(cols) for r in rows)
+    doc = json.loads(json.dumps(to_json(result), default=str))
+    assert doc["benchmark"] == name and "machine" in doc
+
+
+def test_quick_multiprocess_chain_reports_rss_per_process():
+    result = BENCHMARKS["multiprocess"].run(Options(quick=True, repeats=1))
+    assert set(result.epoch_s) == {"in-process", "gRPC + mTLS"}
+    assert all(len(ts) == 1 and ts[0] > 0 for ts in result.epoch_s.values())
+    assert {r.party for r in result.rss} == {"data_owner", "trainer_1"}
+    assert all(r.setup_peak_mib > 50 for r in result.rss)
+    assert result.bytes_per_step["data_owner->trainer_1"] > 0
+
+
+def test_link_shim_delays_by_latency_and_rate_in_order():
+    inner = ThreadedTransport()
+    shim = LinkShim(inner, LinkSpec(latency_s=0.02, rate_bps=8e7))  # 10 MB/s
+    got: list[tuple[int, float]] = []
+    shim.register("trainer_1", lambda m: got.append((m.header.seq, time.perf_counter())))
+    shim.register("data_owner", None)
+    x = torch.zeros(25_000)  # 100 KB: 10 ms on the link
+    t0 = time.perf_counter()
+    for i in range(1, 4):
+        shim.send(Forward(header=Header("j", "data_owner", "trainer_1", 0, i, i), activation=x))
+    deadline = time.perf_counter() + 5
+    while len(got) < 3 and time.perf_counter() < deadline:
+        time.sleep(0.005)
+    shim.close()
+    assert [s for s, _ in got] == [1, 2, 3]
+    per = wire_size(Forward(header=Header("j", "a", "b", 0, 0, 0), activation=x)) * 8 / 8e7
+    assert got[0][1] - t0 >= 0.02 + per - 1e-3
+    assert got[2][1] - t0 >= 0.02 + 3 * per - 1e-3  # serialised one after another on the link
+    assert shim.busy["trainer_1"] >= 0
+
+
+def test_acked_link_blocks_the_sender_for_the_round_trip():
+    shim = LinkShim(ThreadedTransport(), LinkSpec(latency_s=0.02, rate_bps=None, acked=True))
+    shim.register("trainer_1", lambda m: None)
+    shim.register("data_owner", None)
+    t0 = time.perf_counter()
+    shim.send(Forward(header=Header("j", "data_owner", "trainer_1", 0, 0, 1), activation=torch.zeros(4)))
+    assert time.perf_counter() - t0 >= 0.04 - 1e-3
+    shim.close()
+
+
+def test_stage_timer_counts_waiting_of_the_pulling_party(digits):
+    from clicooper.job import ChainJob
+    from clicooper.transport import InProcTransport
+    from tests.conftest import tiny_config
+
+    timer = StageTimer(InProcTransport())
+    job = ChainJob(tiny_config(training={"epochs": 1}), digits, None, transport=timer)
+    job.data_owner.train_round(0)
+    assert timer.waiting["data_owner"] > sum(timer.busy[t.name] for t in job.trainers) * 0.9
+    assert all(timer.busy[t.name] > 0 for t in job.trainers)
+
+
+def test_cli_writes_json(tmp_path):
+    from clicooper.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "codec", "--quick", "--threads", "1", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "codec.json").read_text())
+    assert doc["benchmark"] == "codec" and len(doc["sizes"]) == 2
+
+
+def test_pipeline_model_uses_the_bubble_fraction():
+    from clicooper.bench.pipeline import StageTimes
+
+    unpiped = StageTimes(1, 4.0, {"data_owner": 1.0, "trainer_1": 2.0, "trainer_2": 1.0})
+    piped = StageTimes(4, 4.5, {"data_owner": 1.1, "trainer_1": 2.0, "trainer_2": 1.2})
+    assert unpiped.modelled_s == pytest.approx(4.0)
+    assert piped.bubble == pytest.approx(2 / 6)
+    assert piped.modelled_s == pytest.approx(2.0 * 6 / 4)
