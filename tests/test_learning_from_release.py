@@ -12,7 +12,7 @@ from tests.conftest import tiny_config
 def test_release_learners_report(digits, tmp_path):
     cfg = tiny_config(
         model={"arch": "small-cnn-dp", "n_trainers": 3, "cut_points": [1, 2, 3], "head_pretrain_epochs": 5},
-        privacy={"dp": True, "epsilon": 8.0, "release": "one-shot"},
+        privacy={"dp": True, "epsilon": 16.0, "release": "one-shot"},
     )
     md = run_release_learners(cfg, digits, tmp_path, epochs=20, lr=1e-2)
     with (tmp_path / "release_learners.csv").open() as f:
