@@ -516,10 +516,27 @@ def eval_utility(
         int | None,
         typer.Option("--train-subset", help="Train on a seeded stratified subset (test set whole)."),
     ] = None,
+    guarantee: Annotated[
+        list[str] | None,
+        typer.Option("--guarantee", help="'activation' and/or 'end-to-end' (repeat; default: both)."),
+    ] = None,
+    epsilon: Annotated[
+        list[float] | None,
+        typer.Option("--epsilon", help="Epsilons to measure (repeat; 'inf' = no DP; default: 0.5..8, inf)."),
+    ] = None,
+    pretrain_epochs: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--pretrain-epochs", help="Compute-share rows: head pre-training epochs (repeat; default: 0, 1)."
+        ),
+    ] = None,
 ) -> None:
     """Accuracy vs epsilon (0.5..8, none) for both guarantees, with the data owner's compute share."""
     from clicooper.evaluation.utility import EPSILONS, GUARANTEES, run_utility_sweep
 
+    unknown = set(guarantee or ()) - set(GUARANTEES)
+    if unknown:
+        _fail(f"unknown guarantee(s) {sorted(unknown)}; choose from {list(GUARANTEES)}")
     cfg = _eval_config(quick, dataset, path)
     data = _eval_data(cfg)
     if train_subset is not None:
@@ -528,7 +545,12 @@ def eval_utility(
         md = run_utility_sweep(cfg, data, out, epsilons=(2.0, float("inf")), guarantees=("activation",))
     else:
         md = run_utility_sweep(
-            cfg, data, out, epsilons=EPSILONS, guarantees=GUARANTEES, pretrain_epochs=(0, 1)
+            cfg,
+            data,
+            out,
+            epsilons=tuple(epsilon) if epsilon else EPSILONS,
+            guarantees=tuple(guarantee) if guarantee else GUARANTEES,
+            pretrain_epochs=(0, 1) if pretrain_epochs is None else tuple(pretrain_epochs),
         )
     console.print(f"report: {md} (CSV: {out / 'utility.csv'}, plot: {out / 'utility.png'})")
 
