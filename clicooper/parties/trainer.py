@@ -24,6 +24,7 @@ from clicooper.schedule import RoundLr, set_lr
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
     Backward,
+    FinalSegment,
     Forward,
     Message,
     Nonce,
@@ -76,9 +77,11 @@ class Trainer(Party):
         verifier: str | None = None,
         checkpoint_dir: Path | None = None,
         lr_schedule: RoundLr | None = None,
+        rounds: int | None = None,
     ) -> None:
         super().__init__(name, job_id, transport)
         self.position = position
+        self.rounds = rounds  # with a verifier: after sealing the last round, deliver the segment to it
         self.lr_schedule = lr_schedule
         self.segment = segment
         self.optimizer = optimizer
@@ -92,6 +95,7 @@ class Trainer(Party):
         if (hooks is None) != (verifier is None):
             raise ValueError(f"{name}: provenance hooks and a verifier go together")
         self.checkpoint_dir = checkpoint_dir
+        self.start_incarnation(checkpoint_dir)
         self._inflight: dict[tuple[int, int], _InFlight] = {}
         self._targets: dict[tuple[int, int], torch.Tensor] = {}
         self._last_train_step: tuple[int, int] = (-1, -1)
@@ -250,11 +254,22 @@ class Trainer(Party):
             self.send(
                 StageSealed, self.verifier, rnd, msg.header.step, record=record, attestations=attestations
             )
+            if self.rounds is not None and rnd + 1 >= self.rounds:
+                self.deliver_segment(rnd)
         self.rounds_sealed = rnd + 1
         if self.checkpoint_dir is not None:
             self.save(_round_prefix(self.checkpoint_dir, rnd))
         self.round_steps = self.round_samples = 0
         self.send(RoundSealed, self.data_owner, rnd, msg.header.step)
+
+    def deliver_segment(self, rnd: int) -> None:
+        """Send the segment as sealed in round `rnd` to the verifier (a safetensors blob)."""
+        from safetensors.torch import save as save_safetensors
+
+        state = self.segment.state_dict()
+        blob = save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()})
+        weights = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        self.send(FinalSegment, self.verifier, rnd, 0, weights=weights)
 
     # -- state ------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -265,6 +280,7 @@ class Trainer(Party):
             rounds_sealed=self.rounds_sealed,
             last_train_step=list(self._last_train_step),
             hooks=self.hooks.state_dict() if self.hooks is not None else None,
+            seq=self.seq_state(),
         )
         return tensors, meta
 
@@ -280,3 +296,4 @@ class Trainer(Party):
         self._last_train_step = tuple(meta["last_train_step"])  # type: ignore[assignment]
         if self.hooks is not None and meta.get("hooks") is not None:
             self.hooks.load_state_dict(meta["hooks"])
+        self.load_seq_state(meta.get("seq"))

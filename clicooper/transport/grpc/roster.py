@@ -46,7 +46,7 @@ class Roster:
                 links[(t, ts[i + 1])].add("forward")
                 links[(ts[i + 1], t)].add("backward")
             if v is not None:
-                links[(t, v)].update({"register", "stage_sealed"})
+                links[(t, v)].update({"register", "stage_sealed", "final_segment"})
                 links[(v, t)].add("nonce")
         if v is not None:
             links[(do, v)].add("round_open")
