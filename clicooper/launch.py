@@ -1,0 +1,202 @@
+"""`clicooper launch local`: a whole job as separate processes on this machine, over loopback mTLS.
+
+The launcher holds no key and opens no party's folder: it starts the verifier and every trainer
+(`clicooper serve ...`) and the data owner (`clicooper run MANIFEST --identity ...`), each with
+its own identity folder and listening on 127.0.0.1 on a free port, collects their readiness lines
+(`READY host:port`), hands every process the address book on stdin, waits until every server says
+`SERVING` (trainers have registered with the verifier by then), lets the data owner run the job,
+then stops the servers with SIGTERM (the verifier then checks the job and issues its certificate).
+Every party's output goes to `run_dir/logs/<party>.log`. SIGTERM or SIGINT to the launcher stops
+every party the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from clicooper.manifest import MANIFEST_FILE, JobManifest
+
+QUICK = {"training": {"epochs": 1}}
+
+
+class LaunchError(RuntimeError):
+    """A party did not start, did not become ready, or the job failed; the message says which."""
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    lines: queue.Queue = field(default_factory=queue.Queue)
+
+    def expect(self, word: str, timeout: float) -> str:
+        """The rest of the next stdout line starting with `word`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                raise LaunchError(f"{self.name} did not print {word} within {timeout:g}s") from None
+            if line is None:
+                raise LaunchError(f"{self.name} exited (code {self.proc.wait()}) before printing {word}")
+            if line.startswith(word):
+                return line[len(word) :].strip()
+
+
+def _drain(child: _Child, log_file) -> None:
+    """Copy a child's stdout into its log and hand each line to the launcher."""
+    for line in child.proc.stdout:
+        log_file.write(line)
+        log_file.flush()
+        child.lines.put(line.rstrip("\n"))
+    child.lines.put(None)
+
+
+def _start(name: str, args: list[str], logs: Path) -> _Child:
+    logs.mkdir(parents=True, exist_ok=True)
+    log_file = (logs / f"{name}.log").open("a")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clicooper", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
+        env=env,
+    )
+    child = _Child(name, proc)
+    threading.Thread(target=_drain, args=(child, log_file), daemon=True, name=f"log-{name}").start()
+    return child
+
+
+def _send_book(child: _Child, book: dict[str, str]) -> None:
+    assert child.proc.stdin is not None
+    child.proc.stdin.write(json.dumps(book) + "\n")
+    child.proc.stdin.flush()
+
+
+def _stop(children: list[_Child], timeout: float) -> dict[str, int]:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    codes = {}
+    for c in children:
+        try:
+            codes[c.name] = c.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            codes[c.name] = c.proc.wait()
+    return codes
+
+
+@dataclass
+class LaunchResult:
+    run_dir: Path
+    data_owner_code: int
+    server_codes: dict[str, int]
+    verdict: dict | None  # the verifier's verdict.json (None: no verifier, or no verdict)
+    summary: dict | None  # the data owner's summary.json
+    has_verifier: bool = False
+
+    @property
+    def ok(self) -> bool:
+        verified = bool(self.verdict and self.verdict.get("ok")) if self.has_verifier else True
+        return self.data_owner_code == 0 and verified and all(c == 0 for c in self.server_codes.values())
+
+
+def launch_local(
+    manifest_path: Path,
+    *,
+    keys_dir: Path | None = None,
+    run_root: Path = Path("runs"),
+    quick: bool = False,
+    data_path: Path | None = None,
+    start_timeout: float = 120.0,
+    job_timeout: float | None = None,
+    run_dir: Path | None = None,
+) -> LaunchResult:
+    """Run the job of `manifest_path` as separate processes; identity folders are `keys_dir/<party>`
+    (default: the manifest's folder). `quick` runs one epoch. Returns codes, verdict and summary."""
+    manifest = JobManifest.load(manifest_path)
+    keys_dir = keys_dir or manifest_path.parent
+    if quick:
+        manifest = manifest.with_config(**QUICK)
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        run_dir = run_root / f"{manifest.job_id}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_manifest = run_dir / MANIFEST_FILE  # what every party of this run reads
+    manifest.save(job_manifest)
+    logs = run_dir / "logs"
+    common = ["--run-dir", str(run_dir), "--listen", "127.0.0.1:0", "--peers", "-"]
+    servers: list[_Child] = []
+    children: list[_Child] = []
+    stopping = threading.Event()
+
+    def on_signal(*_):
+        stopping.set()
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if manifest.verifier is not None:
+            v = manifest.verifier
+            servers.append(
+                _start(
+                    v,
+                    ["serve", "verifier", str(job_manifest), "--identity", str(keys_dir / v), *common],
+                    logs,
+                )
+            )
+        for name in manifest.trainer_names:
+            servers.append(
+                _start(
+                    name,
+                    ["serve", "trainer", str(job_manifest), "--identity", str(keys_dir / name), *common],
+                    logs,
+                )
+            )
+        children.extend(servers)
+        do_args = ["run", str(job_manifest), "--identity", str(keys_dir / "data_owner"), *common]
+        if data_path is not None:
+            do_args += ["--data", str(data_path)]
+        owner = _start("data_owner", do_args, logs)
+        children.append(owner)
+        book = {c.name: c.expect("READY", start_timeout) for c in children}
+        for c in servers:
+            _send_book(c, book)
+        for c in servers:
+            c.expect("SERVING", start_timeout)
+        _send_book(owner, book)
+        try:
+            do_code = owner.proc.wait(timeout=job_timeout)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"the data owner did not finish within {job_timeout:g}s") from None
+    except KeyboardInterrupt:
+        do_code = _stop(children, 30).get("data_owner", 1) if children else 1
+    finally:
+        codes = _stop(servers, 60)
+        _stop(children, 10)
+        for s, h in old.items():
+            signal.signal(s, h)
+    verdict = _read_json(run_dir / "verifier" / "verdict.json") if manifest.verifier else None
+    summary = _read_json(run_dir / "summary.json")
+    return LaunchResult(run_dir, do_code, codes, verdict, summary, manifest.verifier is not None)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
