@@ -42,7 +42,7 @@ from clicooper.provenance import (
     save_certificate,
     verify_chain,
 )
-from clicooper.provenance.records import prev_link_slots
+from clicooper.provenance.records import prev_link_slots, verify_record
 from clicooper.provenance.statelog import LogError, StateLog, check_nonce, read_log, signed_nonce
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
@@ -213,6 +213,11 @@ class Verifier(Party):
             )
         if slot in self.records:
             raise ProtocolError(f"{self.name}: a record for stage {slot} was already received")
+        reg = self.registry.get(signed.record.trainer)
+        if reg is None or reg.identity.name != sender or not verify_record(signed, reg.identity.public_key):
+            raise ProtocolError(
+                f"{self.name}: the stage record from {sender} is not signed by {sender}'s registered key"
+            )
         self.records[slot] = signed
         self.attestations.extend(atts)
         self.log.append(
