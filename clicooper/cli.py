@@ -317,7 +317,7 @@ def _run_data_owner(
 
     if manifest is None:
         _fail("give the job manifest (manifest.json) with --identity")
-    run_dir = run_dir or Path("runs") / manifest.parent.name
+    run_dir = run_dir or _default_run_dir(manifest)
     try:
         summary = run_data_owner(
             manifest,
@@ -488,6 +488,17 @@ KeyOpt = Annotated[
 ]
 
 
+def _default_run_dir(manifest: Path) -> Path:
+    """`<run_root>/<job id>` from the manifest: where a party keeps its state by default."""
+    from clicooper.manifest import JobManifest, ManifestError
+
+    try:
+        m = JobManifest.load(manifest)
+    except ManifestError as e:
+        _fail(str(e))
+    return m.config.job.run_root / m.job_id
+
+
 @serve_app.command("trainer")
 def serve_trainer(
     manifest: Annotated[Path, typer.Argument(help="The job manifest (manifest.json).")],
@@ -526,7 +537,7 @@ def _serve(
             role,
             manifest,
             identity,
-            run_dir or Path("runs") / manifest.parent.name,
+            run_dir or _default_run_dir(manifest),
             listen=listen,
             peers=peers,
             insecure=insecure,

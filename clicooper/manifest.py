@@ -174,6 +174,7 @@ class PartyKeys:
         return cls(name, role, identity, wm)
 
     def save(self, folder: Path, job_id: str) -> None:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_json(folder / "party.json", {"name": self.name, "role": self.role, "job_id": job_id})
         if self.identity is not None:
             self.identity.save(folder / "identity.pem")
