@@ -54,6 +54,7 @@ from clicooper.provenance import WatermarkSpec
 from clicooper.schedule import schedule, set_lr
 from clicooper.seeding import epoch_batches
 from clicooper.transport import InProcTransport, Transport
+from clicooper.transport.messages import Rewind
 
 EpochCallback = Callable[[dict], None]
 StepCallback = Callable[[int, int], None]
@@ -472,10 +473,20 @@ class ChainJob:
                 raise ResumeError(f"no intact checkpoint in {self.run_dir}: every saved round is damaged")
         if self.verifier is not None:
             self.verifier.truncate(start)
+        self.rewind_remote(start)
         with (self.run_dir / RESUME_LOG).open("a") as f:
             entry = {"time": datetime.now().isoformat(timespec="seconds"), "from_round": start}
             f.write(json.dumps({**entry, "changes": self.config_changes, "notes": self.notes}) + "\n")
         return start
+
+    def rewind_remote(self, start: int) -> None:
+        """Tell the parties in other processes to go back to the state after round `start - 1`
+        (`Rewind`): those that kept running when another failed, and those restarted."""
+        remote = [n for n in self.trainer_names if n not in self.local]
+        if self.manifest.verifier is not None and self.manifest.verifier not in self.local:
+            remote.append(self.manifest.verifier)
+        for name in remote:
+            self.data_owner.send(Rewind, name, start, 0)
 
     def run(
         self,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from clicooper.checkpoint import atomic_write_json
 from clicooper.manifest import MANIFEST_FILE, JobManifest
 
 QUICK = {"training": {"epochs": 1}}
@@ -37,6 +38,7 @@ class LaunchError(RuntimeError):
 class _Child:
     name: str
     proc: subprocess.Popen
+    args: list[str] = field(default_factory=list)
     lines: queue.Queue = field(default_factory=queue.Queue)
 
     def expect(self, word: str, timeout: float) -> str:
@@ -75,8 +77,11 @@ def _start(name: str, args: list[str], logs: Path) -> _Child:
         text=True,
         env=env,
     )
-    child = _Child(name, proc)
+    child = _Child(name, proc, list(args))
     threading.Thread(target=_drain, args=(child, log_file), daemon=True, name=f"log-{name}").start()
+    pids = logs.parent / "pids.json"
+    known = _read_json(pids) or {}
+    atomic_write_json(pids, {**known, name: proc.pid})
     return child
 
 
@@ -125,9 +130,12 @@ def launch_local(
     start_timeout: float = 120.0,
     job_timeout: float | None = None,
     run_dir: Path | None = None,
+    max_restarts: int = 3,
 ) -> LaunchResult:
     """Run the job of `manifest_path` as separate processes; identity folders are `keys_dir/<party>`
-    (default: the manifest's folder). `quick` runs one epoch. Returns codes, verdict and summary."""
+    (default: the manifest's folder). `quick` runs one epoch. A server that dies while the job runs
+    is started again (at most `max_restarts` times) on the same address, from its own checkpoints;
+    the data owner resumes the job with it. Returns codes, verdict and summary."""
     manifest = JobManifest.load(manifest_path)
     keys_dir = keys_dir or manifest_path.parent
     if quick:
@@ -148,7 +156,8 @@ def launch_local(
         stopping.set()
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         if manifest.verifier is not None:
             v = manifest.verifier
@@ -179,10 +188,7 @@ def launch_local(
         for c in servers:
             c.expect("SERVING", start_timeout)
         _send_book(owner, book)
-        try:
-            do_code = owner.proc.wait(timeout=job_timeout)
-        except subprocess.TimeoutExpired:
-            raise LaunchError(f"the data owner did not finish within {job_timeout:g}s") from None
+        do_code = _supervise(owner, servers, children, book, logs, start_timeout, job_timeout, max_restarts)
     except KeyboardInterrupt:
         do_code = _stop(children, 30).get("data_owner", 1) if children else 1
     finally:
@@ -193,6 +199,41 @@ def launch_local(
     verdict = _read_json(run_dir / "verifier" / "verdict.json") if manifest.verifier else None
     summary = _read_json(run_dir / "summary.json")
     return LaunchResult(run_dir, do_code, codes, verdict, summary, manifest.verifier is not None)
+
+
+def _supervise(
+    owner: _Child,
+    servers: list[_Child],
+    children: list[_Child],
+    book: dict[str, str],
+    logs: Path,
+    start_timeout: float,
+    job_timeout: float | None,
+    max_restarts: int,
+) -> int:
+    """Wait for the data owner; restart a server that died meanwhile. Returns the data owner's code."""
+    deadline = time.monotonic() + job_timeout if job_timeout is not None else None
+    restarts: dict[str, int] = {}
+    while True:
+        try:
+            return owner.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if deadline is not None and time.monotonic() > deadline:
+            raise LaunchError(f"the data owner did not finish within {job_timeout:g}s")
+        for i, c in enumerate(servers):
+            code = c.proc.poll()
+            if code is None or restarts.get(c.name, 0) >= max_restarts:
+                continue
+            restarts[c.name] = restarts.get(c.name, 0) + 1
+            args = list(c.args)
+            args[args.index("--listen") + 1] = book[c.name]  # the address its peers know
+            new = _start(c.name, args, logs)
+            servers[i] = new
+            children[children.index(c)] = new
+            new.expect("READY", start_timeout)
+            _send_book(new, book)
+            new.expect("SERVING", start_timeout)
 
 
 def _read_json(path: Path) -> dict | None:

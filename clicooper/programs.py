@@ -27,10 +27,11 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TextIO
 
-from clicooper.checkpoint import CheckpointError, round_prefix, saved_rounds
+from clicooper.checkpoint import CheckpointError, round_prefix, save_state, saved_rounds
 from clicooper.manifest import DATA_OWNER, JobManifest, ManifestError, PartyKeys
 
 log = logging.getLogger("clicooper.programs")
@@ -147,6 +148,9 @@ def serve(
             rnd = _resume_trainer(party, folder)
             if rnd is not None:
                 log.info("%s: resumed from its checkpoint of round %d", keys.name, rnd + 1)
+            if party.incarnation > 1:  # started before: it may have missed steps since
+                party.awaiting_rewind = True
+                log.info("%s: restarted; waiting for the data owner to rewind the job", keys.name)
         else:
             party = build_verifier(manifest, keys, t, state_dir=folder)
         _say(f"READY {t.addresses[keys.name]}", stdout)
@@ -198,9 +202,17 @@ def run_data_owner(
     insecure: bool = False,
     stdout: TextIO | None = None,
     on_epoch=None,
+    recoveries: int = 5,
+    pause: float = 2.0,
 ):
     """The data owner's program: load its data, run the job through the remote parties, and return
-    the run summary. On a failure anywhere it tells every party to stop and raises."""
+    the run summary.
+
+    When a party fails or cannot be reached (a trainer killed, say), the data owner pauses, drops
+    stale replies, and resumes from its newest checkpoint, rewinding every other party to the same
+    round (`Rewind`); reaching a restarted party is retried with backoff (`GrpcOptions`), so the wait
+    is bounded; after `recoveries` failed attempts, or on any other error, it tells every party to
+    stop and raises."""
     from clicooper.job import ChainJob, prepare_data
     from clicooper.parties.base import ProtocolError
     from clicooper.transport.base import TransportError
@@ -224,16 +236,40 @@ def run_data_owner(
         job = ChainJob(
             cfg, data, run_dir, transport=t, manifest=manifest, keys={DATA_OWNER: keys}, local={DATA_OWNER}
         )
+        initial = run_dir / DATA_OWNER / "initial"  # what a failure before the first checkpoint restores
+        if not saved_rounds(run_dir / DATA_OWNER):
+            save_state(initial, *job.data_owner.state())
         _say(f"READY {t.addresses[DATA_OWNER]}", stdout)
         t.addresses.update(read_peers(peers))
-        try:
-            summary = job.run(resume=resume, on_epoch=on_epoch)
-        except (_Stop, TransportError, ProtocolError, ValueError, RuntimeError) as e:
-            told = t.abort_all(DATA_OWNER, f"the data owner stopped: {type(e).__name__}: {e}")
-            log.error("data owner: %s; told %s to stop", e, ", ".join(told) or "nobody")
-            raise
+        failures = 0
+        while True:
+            try:
+                summary = job.run(resume=resume or failures > 0, on_epoch=on_epoch)
+                break
+            except (TransportError, ProtocolError) as e:
+                if failures >= recoveries:
+                    raise
+                failures += 1
+                log.warning(
+                    "data owner: %s; pausing %.1fs, then resuming from the last completed round "
+                    "(recovery %d of %d)",
+                    e,
+                    pause,
+                    failures,
+                    recoveries,
+                )
+                time.sleep(pause)
+                stale = t.drain(DATA_OWNER)
+                if stale:
+                    log.info("data owner: dropped %d stale message(s)", len(stale))
+                if not saved_rounds(run_dir / DATA_OWNER):
+                    job.data_owner.load(initial)
         _say("SUMMARY " + json.dumps(summary.to_json()), stdout)
         return summary
+    except (_Stop, TransportError, ProtocolError, ValueError, RuntimeError) as e:
+        told = t.abort_all(DATA_OWNER, f"the data owner stopped: {type(e).__name__}: {e}")
+        log.error("data owner: %s; told %s to stop", e, ", ".join(told) or "nobody")
+        raise
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)

@@ -380,8 +380,8 @@ def test_acknowledgement_deadline(roster, pki, closing, monkeypatch):
 
 def test_roster_links_follow_the_protocol():
     r = Roster.chain("j", 3, verifier=True)
-    assert r.kinds("data_owner", "trainer_1") == {"forward", "round_end", "abort"}
-    assert r.kinds("data_owner", "trainer_3") == {"targets", "round_end", "abort"}
+    assert r.kinds("data_owner", "trainer_1") == {"forward", "round_end", "rewind", "abort"}
+    assert r.kinds("data_owner", "trainer_3") == {"targets", "round_end", "rewind", "abort"}
     assert r.kinds("trainer_2", "trainer_3") == {"forward"}
     assert r.kinds("trainer_3", "trainer_2") == {"backward"}
     assert r.kinds("trainer_1", "data_owner") == {"backward", "round_sealed", "abort"}

@@ -207,3 +207,50 @@ def test_manifest_is_public_and_checked(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="secret_seed"):
         JobManifest.load(tmp_path / "bad.json")
+
+
+def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
+    """kill -9 of trainer_2 during round 2 of 4: the launcher starts it again on the same address,
+    it resumes from its own checkpoint, the data owner pauses, rewinds every party to the last
+    completed round and goes on; the job completes, epsilon counts the re-released round, the
+    verifier's log records the rewind and the chain verifies."""
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = _cfg(
+        privacy={"dp": True, "epsilon": 50.0, "clip": 5.0, "release": "per-step", "gamma": 2},
+        watermark={"enabled": True, "n_bits": 64},
+        training={"epochs": 4},
+    )
+    _make(cfg, tmp_path / "keys")
+    run = tmp_path / "run"
+    out: dict = {}
+    th = threading.Thread(
+        target=lambda: out.update(
+            r=launch_local(tmp_path / "keys" / "manifest.json", run_dir=run, job_timeout=240)
+        )
+    )
+    th.start()
+    deadline = time.monotonic() + 180
+    while not (run / "data_owner" / "round_0000.json").exists():
+        assert time.monotonic() < deadline and th.is_alive(), "round 1 never completed"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into round 2
+    pid = json.loads((run / "pids.json").read_text())["trainer_2"]
+    os.kill(pid, signal.SIGKILL)
+    th.join(timeout=280)
+    assert not th.is_alive()
+    r = out["r"]
+    logs = {p.stem: p.read_text() for p in (run / "logs").glob("*.log")}
+    assert r.ok, (r, logs["data_owner"][-3000:])
+    assert r.summary["epochs"] == 4 and r.verdict["ok"]
+    assert logs["trainer_2"].count("READY") == 2  # started again
+    assert "resuming from the last completed round" in logs["data_owner"]
+    assert any(e["type"] == "rewind" for e in read_log(run / "verifier" / LOG_FILE))
+    ledger = json.loads((run / "data_owner" / "privacy_ledger.json").read_text())
+    assert ledger["releases"] >= 4
+    if ledger["releases"] > 4:  # the interrupted round had released: counted, never reset
+        assert r.summary["epsilon"] > 50.0 * 1.0001
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()][-1] == 4

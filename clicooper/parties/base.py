@@ -28,6 +28,7 @@ class Party:
         self.transport = transport
         self._seq_out = 0
         self._seq_in: dict[str, int] = {}
+        self.incarnation = 0  # how many times a party was started over its folder
 
     def send(self, cls: type[Message], receiver: str, rnd: int, step: int, **fields: Any) -> Message:
         self._seq_out += 1
@@ -67,6 +68,7 @@ class Party:
         """Number this start's messages above every earlier start's: a party rebuilt over its own
         folder (a restart, a resume) is a new incarnation, and peers that kept running accept it."""
         n = next_incarnation(folder)
+        self.incarnation = n
         self._seq_out = max(self._seq_out, n << SEQ_INCARNATION_BITS)
 
     def load_seq_state(self, state: dict | None) -> None:

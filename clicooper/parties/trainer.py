@@ -30,6 +30,7 @@ from clicooper.transport.messages import (
     Nonce,
     Output,
     Register,
+    Rewind,
     RoundEnd,
     RoundSealed,
     StageSealed,
@@ -106,7 +107,12 @@ class Trainer(Party):
         self._allowed: dict[type[Message], tuple[str, ...]] = {
             Forward: (prev,),
             RoundEnd: (data_owner,),
+            Rewind: (data_owner,),
         }
+        self._initial = self._snapshot()  # what a rewind to round 0 restores
+        # A trainer started again as its own program may have missed steps: it trains again only
+        # once the data owner has rewound the job to a round every party completed.
+        self.awaiting_rewind = False
         if downstream is not None:
             self._allowed[Backward] = (downstream,)
         if self.is_last and not u_shaped:
@@ -118,6 +124,10 @@ class Trainer(Party):
     # -- message handling -------------------------------------------------
     def handle(self, msg: Message) -> None:
         self.check_incoming(msg, self._allowed)
+        if self.awaiting_rewind and isinstance(msg, (Forward, Targets, Backward, RoundEnd)):
+            raise ProtocolError(
+                f"{self.name}: restarted from its checkpoint; waiting for {self.data_owner} to rewind the job"
+            )
         if isinstance(msg, Forward):
             self._on_forward(msg)
         elif isinstance(msg, Targets):
@@ -128,6 +138,8 @@ class Trainer(Party):
             self._on_round_end(msg)
         elif isinstance(msg, Nonce):
             self._on_nonce(msg)
+        elif isinstance(msg, Rewind):
+            self._on_rewind(msg)
 
     def register_with_verifier(self) -> None:
         """Send identity and escrowed watermark key to the verifier (before any round opens)."""
@@ -261,6 +273,33 @@ class Trainer(Party):
             self.save(_round_prefix(self.checkpoint_dir, rnd))
         self.round_steps = self.round_samples = 0
         self.send(RoundSealed, self.data_owner, rnd, msg.header.step)
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        tensors, meta = self.state()
+        return {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+
+    def _on_rewind(self, msg: Rewind) -> None:
+        """Go back to the state after round `header.round - 1` (the initial state for round 0)."""
+        rnd = msg.header.round
+        self.awaiting_rewind = False
+        self._inflight.clear()
+        self._targets.clear()
+        self.round_steps = self.round_samples = 0
+        if rnd == 0:
+            tensors, meta = self._initial
+            load_module_optimizer_state(self.segment, self.optimizer, tensors, meta)
+            self.rounds_sealed, self._last_train_step = 0, (-1, -1)
+            if self.hooks is not None:
+                self.hooks.load_state_dict(meta["hooks"])
+            return
+        if self.checkpoint_dir is None:
+            raise ProtocolError(f"{self.name}: cannot rewind to round {rnd} without checkpoints")
+        seq_in = dict(self._seq_in)
+        try:
+            self.load(_round_prefix(self.checkpoint_dir, rnd - 1))
+        except (OSError, ValueError, KeyError) as e:
+            raise ProtocolError(f"{self.name}: cannot rewind to round {rnd}: {e}") from None
+        self._seq_in = seq_in  # what this party accepted since is still accepted: no replays
 
     def deliver_segment(self, rnd: int) -> None:
         """Send the segment as sealed in round `rnd` to the verifier (a safetensors blob)."""

@@ -50,6 +50,7 @@ from clicooper.transport.messages import (
     Message,
     Nonce,
     Register,
+    Rewind,
     RoundOpen,
     RoundOpened,
     StageSealed,
@@ -92,6 +93,7 @@ class Verifier(Party):
             RoundOpen: (data_owner,),
             StageSealed: tuple(trainers),
             FinalSegment: tuple(trainers),
+            Rewind: (data_owner,),
         }
         self.data_owner = data_owner
         self.start_incarnation(state_dir)
@@ -142,6 +144,8 @@ class Verifier(Party):
             self._on_stage_sealed(msg)
         elif isinstance(msg, FinalSegment):
             self._on_final_segment(msg)
+        elif isinstance(msg, Rewind):
+            self.truncate(msg.header.round)
         self.save()
 
     def _on_register(self, msg: Register) -> None:

@@ -139,6 +139,15 @@ class FinalSegment(Message):
 
 
 @dataclass(frozen=True)
+class Rewind(Message):
+    """The data owner resumes the job at round `header.round` after a failure: a trainer goes back
+    to its checkpoint of the round before (its initial state for round 0), dropping any step in
+    flight; the verifier forgets rounds from `header.round` on (logged, signed)."""
+
+    KIND: ClassVar[str] = "rewind"
+
+
+@dataclass(frozen=True)
 class Abort(Message):
     """A party failed or refused a message and stops: the reason travels to the data owner, which
     drives the job (and from it to the others). Networked transports send it when a handler raises;
@@ -163,6 +172,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         RoundOpened,
         StageSealed,
         FinalSegment,
+        Rewind,
         Abort,
     )
 }
