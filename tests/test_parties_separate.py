@@ -254,3 +254,64 @@ def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
     if ledger["releases"] > 4:  # the interrupted round had released: counted, never reset
         assert r.summary["epsilon"] > 50.0 * 1.0001
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()][-1] == 4
+
+
+def test_keys_job_command_and_a_served_party_stops_cleanly_on_sigterm(tmp_path):
+    """`clicooper keys --job` writes the manifest and identity folders (never over existing keys);
+    `clicooper serve trainer` prints its readiness line, and SIGTERM stops it with exit code 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from clicooper.cli import EXIT_USAGE, app
+
+    toml = tmp_path / "job.toml"
+    toml.write_text(
+        '[job]\nname = "k"\n[data]\ndataset = "digits"\n[model]\narch = "small-cnn"\nn_trainers = 2\n'
+    )
+    runner = CliRunner()
+    r = runner.invoke(app, ["keys", "--job", str(toml), "--out", str(tmp_path / "job")])
+    assert r.exit_code == 0, r.output
+    m = JobManifest.load(tmp_path / "job" / "manifest.json")
+    assert [p.name for p in m.parties] == [
+        "data_owner",
+        "trainer_1",
+        "trainer_2",
+    ]  # no watermark: no verifier
+    assert (tmp_path / "job" / "trainer_1" / "identity.pem").stat().st_mode & 0o077 == 0
+    r = runner.invoke(app, ["keys", "--job", str(toml), "--out", str(tmp_path / "job")])
+    assert r.exit_code == EXIT_USAGE and "refusing to overwrite" in r.output
+    r = runner.invoke(app, ["keys"])
+    assert r.exit_code == EXIT_USAGE
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clicooper", "serve", "trainer", str(tmp_path / "job" / "manifest.json")]
+        + ["--identity", str(tmp_path / "job" / "trainer_2"), "--run-dir", str(tmp_path / "run")]
+        + ["--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["READY"] and line[1].startswith("127.0.0.1:"), line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the wrong role's folder is refused with a one-line error
+    r = runner.invoke(
+        app,
+        [
+            "serve",
+            "trainer",
+            str(tmp_path / "job" / "manifest.json"),
+            "--identity",
+            str(tmp_path / "job" / "data_owner"),
+        ],
+    )
+    assert r.exit_code == EXIT_USAGE and "not of a trainer" in r.output
