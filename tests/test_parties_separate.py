@@ -315,3 +315,52 @@ def test_keys_job_command_and_a_served_party_stops_cleanly_on_sigterm(tmp_path):
         ],
     )
     assert r.exit_code == EXIT_USAGE and "not of a trainer" in r.output
+
+
+def test_final_segment_and_rewind_messages_are_checked(tmp_path):
+    """In one process: the verifier keeps a delivered segment only if its signed record names it
+    (never unpickled: a safetensors blob); a rewound trainer is back at its checkpoint of the round
+    before, or at its initial weights for round 0."""
+    from safetensors.torch import save as save_safetensors
+
+    from clicooper.build import public_segments, trainer_segments
+    from clicooper.transport.messages import FinalSegment, Rewind
+
+    cfg = _cfg(watermark={"enabled": True, "n_bits": 64})
+    data = prepare_data(cfg)
+    job = ChainJob(cfg, data, tmp_path / "run")
+    job.run()
+    v, t2 = job.verifier, job.trainers[1]
+    delivered = tmp_path / "run" / "verifier" / "segments" / "trainer_2.safetensors"
+    assert delivered.exists()
+
+    def final(weights: torch.Tensor, rnd: int = 1) -> FinalSegment:
+        final.seq += 1
+        return FinalSegment(
+            header=Header(job.job_id, "trainer_2", "verifier", rnd, 0, final.seq), weights=weights
+        )
+
+    final.seq = 10**15
+    blob = lambda sd: torch.frombuffer(bytearray(save_safetensors(sd)), dtype=torch.uint8)  # noqa: E731
+    other = {k: v + 1 for k, v in t2.segment.state_dict().items()}
+    for msg, why in (
+        (final(torch.frombuffer(bytearray(b"garbage" * 10), dtype=torch.uint8)), "not a safetensors"),
+        (final(blob(other)), "not the one its round-1 record signs"),
+        (final(blob(t2.segment.state_dict()), rnd=5), "without its record"),
+    ):
+        with pytest.raises(ProtocolError, match=why):
+            v.handle(msg)
+    v.handle(final(blob(t2.segment.state_dict())))  # the honest one is accepted again
+
+    initial = trainer_segments(*public_segments(job.manifest))[1].state_dict()
+    round0, _ = load_state(round_prefix(tmp_path / "run" / "trainer_2", 0))
+    seq = 10**15
+    for rnd, expected in ((1, {k: round0[f"model.{k}"] for k in initial}), (0, initial)):
+        seq += 1
+        t2.handle(Rewind(header=Header(job.job_id, "data_owner", "trainer_2", rnd, 0, seq)))
+        for k, val in t2.segment.state_dict().items():
+            torch.testing.assert_close(val, expected[k])
+    v.handle(Rewind(header=Header(job.job_id, "data_owner", "verifier", 1, 0, seq + 1)))
+    assert (
+        sorted(v.nonces) == [0] and read_log(tmp_path / "run" / "verifier" / LOG_FILE)[-1]["type"] == "rewind"
+    )
