@@ -555,7 +555,9 @@ def launch_local_cmd(
         typer.Option("--keys", help="Folder of the parties' identity folders (default: the manifest's)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder in which the run folder is created.")] = Path("runs"),
-    quick: Annotated[bool, typer.Option("--quick", help="One epoch (for tests and a first try).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="At most 2 epochs on at most 20,000 samples (tests, a first try).")
+    ] = False,
     data: Annotated[Path | None, typer.Option("--data", help="The data owner's data path.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop the job after this many seconds.")] = None,
 ) -> None:

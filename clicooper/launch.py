@@ -27,7 +27,25 @@ from pathlib import Path
 from clicooper.checkpoint import atomic_write_json
 from clicooper.manifest import MANIFEST_FILE, JobManifest
 
-QUICK = {"training": {"epochs": 1}}
+QUICK_EPOCHS, QUICK_PRETRAIN, QUICK_TRAIN, QUICK_TEST = 2, 1, 20000, 1000
+
+
+def quick_manifest(manifest: JobManifest) -> JobManifest:
+    """`--quick`: at most 2 epochs, 1 epoch of head pre-training, 20,000 training and 1,000 test
+    samples (as `clicooper demo --quick`); the roster and keys are unchanged."""
+    c = manifest.config
+
+    def cap(value: int | None, limit: int) -> int:
+        return limit if value is None else min(value, limit)
+
+    return manifest.with_config(
+        training={"epochs": min(c.training.epochs, QUICK_EPOCHS)},
+        model={"head_pretrain_epochs": min(c.model.head_pretrain_epochs, QUICK_PRETRAIN)},
+        data={
+            "train_subset": cap(c.data.train_subset, QUICK_TRAIN),
+            "test_subset": cap(c.data.test_subset, QUICK_TEST),
+        },
+    )
 
 
 class LaunchError(RuntimeError):
@@ -133,13 +151,13 @@ def launch_local(
     max_restarts: int = 3,
 ) -> LaunchResult:
     """Run the job of `manifest_path` as separate processes; identity folders are `keys_dir/<party>`
-    (default: the manifest's folder). `quick` runs one epoch. A server that dies while the job runs
+    (default: the manifest's folder). `quick`: see `quick_manifest`. A server that dies while the job runs
     is started again (at most `max_restarts` times) on the same address, from its own checkpoints;
     the data owner resumes the job with it. Returns codes, verdict and summary."""
     manifest = JobManifest.load(manifest_path)
     keys_dir = keys_dir or manifest_path.parent
     if quick:
-        manifest = manifest.with_config(**QUICK)
+        manifest = quick_manifest(manifest)
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir = run_root / f"{manifest.job_id}-{stamp}"
