@@ -145,7 +145,7 @@ def launch_local(
     run_root: Path = Path("runs"),
     quick: bool = False,
     data_path: Path | None = None,
-    start_timeout: float = 120.0,
+    start_timeout: float = 300.0,
     job_timeout: float | None = None,
     run_dir: Path | None = None,
     max_restarts: int = 3,
