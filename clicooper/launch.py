@@ -12,6 +12,7 @@ every party the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -113,6 +114,8 @@ def _stop(children: list[_Child], timeout: float) -> dict[str, int]:
     for c in children:
         if c.proc.poll() is None:
             c.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(OSError, AttributeError):  # one still waiting for its book stops too
+                c.proc.stdin.close()
     codes = {}
     for c in children:
         try:

@@ -113,6 +113,27 @@ def test_launch_local_quick_of_a_defended_job_is_certified(defended):
     assert verify_run(alone, issue=False)[0].ok
 
 
+def _exchange(creds, addr: str, frame: bytes) -> bytes:
+    """One frame to the verifier on a raw stream; the connection is retried as GrpcTransport does
+    (a first TLS handshake on a busy machine can fail transiently)."""
+    import time
+
+    import grpc
+
+    for attempt in range(5):
+        link = RawLink(creds, addr, "verifier")
+        try:
+            grpc.channel_ready_future(link.channel).result(timeout=10)
+            return link.exchange(frame)
+        except (grpc.RpcError, grpc.FutureTimeoutError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
+        finally:
+            link.close()
+    raise AssertionError("unreachable")
+
+
 def test_the_data_owner_cannot_sign_as_a_trainer(defended, tmp_path):
     """Everything the data owner holds: its identity folder (TLS key and certificate, no Ed25519 key),
     the manifest, and any key it makes itself. A record signed with any of it is rejected."""
@@ -172,18 +193,14 @@ def test_the_data_owner_cannot_sign_as_a_trainer(defended, tmp_path):
     )
     try:
         build_verifier(manifest, vkeys, vt, state_dir=None)
-        link = RawLink(own.tls, vt.addresses["verifier"], "verifier")
-        try:
-            for sender in ("trainer_1", "data_owner"):
-                msg = StageSealed(
-                    header=Header(manifest.job_id, sender, "verifier", 0, 0, 10),
-                    record=sign_record(mallory, forged).to_json(),
-                    attestations="[]",
-                )
-                ack = link.exchange(bytes(encode(msg)))
-                assert ack[:1] == b"\x01", ack
-        finally:
-            link.close()
+        for sender in ("trainer_1", "data_owner"):
+            msg = StageSealed(
+                header=Header(manifest.job_id, sender, "verifier", 0, 0, 10),
+                record=sign_record(mallory, forged).to_json(),
+                attestations="[]",
+            )
+            ack = _exchange(own.tls, vt.addresses["verifier"], bytes(encode(msg)))
+            assert ack[:1] == b"\x01", ack
     finally:
         vt.close()
     assert vt.refused and not vt.handler_errors
