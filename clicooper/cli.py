@@ -1,4 +1,5 @@
-"""Command-line interface: `clicooper demo | run | baseline | bench | datasets | keys | verify | eval`.
+"""Command-line interface: `clicooper demo | run | baseline | bench | datasets | keys | serve | launch |
+verify | eval`.
 
 Exit codes: 0 success (a VERIFIED chain, a MATCH, a valid certificate); 2 a user error, printed as
 `error: ...` (bad config, data or input file, a run that cannot start or resume); 3 the verifier
@@ -38,6 +39,10 @@ attack_app = typer.Typer(no_args_is_help=True, help="Run one attack against one 
 app.add_typer(attack_app, name="attack")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluations: reports with the undefended baseline beside.")
 app.add_typer(eval_app, name="eval")
+serve_app = typer.Typer(no_args_is_help=True, help="Run one party of a job as its own program (gRPC + mTLS).")
+app.add_typer(serve_app, name="serve")
+launch_app = typer.Typer(no_args_is_help=True, help="Start every party of a job as separate processes.")
+app.add_typer(launch_app, name="launch")
 console = Console()
 
 # Label DP of the defended job (randomized response with a prior), chosen from the measurements in
@@ -229,16 +234,54 @@ def demo(
     _finish(run_chain(cfg, run_dir), "CliCooper demo")
 
 
+IdentityOpt = Annotated[
+    Path | None, typer.Option("--identity", help="This party's own identity folder (made by `keys --job`).")
+]
+RunDirOpt = Annotated[
+    Path | None, typer.Option("--run-dir", help="Folder for this party's state (its sub-folder <party>/).")
+]
+ListenOpt = Annotated[
+    str | None, typer.Option("--listen", help="host:port to listen on (port 0: any free port).")
+]
+PeersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--peers", help="Address book: a JSON file {party: host:port}, or - for one JSON line on stdin."
+    ),
+]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="Plaintext gRPC: peers NOT authenticated (a warning is logged).")
+]
+
+
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Argument(help="TOML job configuration.")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML job configuration, or with --identity a manifest.")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
+    identity: IdentityOpt = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Data owner: the data path (with --identity).")
+    ] = None,
+    run_dir: RunDirOpt = None,
+    listen: ListenOpt = None,
+    peers: PeersOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Run a job from a TOML configuration, or resume one from its run folder.
 
     With both CONFIG and --resume, the run resumes under CONFIG: it may change only what cannot
     affect the model, the data, the privacy mechanism or the protocol (the number of epochs, say);
-    any other change is refused, naming the field. Without CONFIG, the run's config.json is used."""
+    any other change is refused, naming the field. Without CONFIG, the run's config.json is used.
+
+    With --identity, CONFIG is a job manifest and this process is the data owner alone: the trainers
+    and the verifier are separate programs (`clicooper serve`), reached over gRPC with mutual TLS."""
+    if identity is not None:
+        _run_data_owner(
+            config, identity, data, resume or run_dir, resume is not None, listen, peers, insecure
+        )
+        return
     try:
         if resume is not None:
             cfg_file = resume / "config.json"
@@ -259,6 +302,43 @@ def run(
     except ConfigError as e:
         _fail(str(e))
     _finish(run_chain(cfg, run_dir, resume=resume is not None), f"CliCooper run: {cfg.job.name}")
+
+
+def _run_data_owner(
+    manifest: Path | None,
+    identity: Path,
+    data: Path | None,
+    run_dir: Path | None,
+    resume: bool,
+    listen: str | None,
+    peers: str | None,
+    insecure: bool,
+) -> None:
+    from clicooper.programs import ProgramError, run_data_owner
+    from clicooper.transport.base import TransportError
+
+    if manifest is None:
+        _fail("give the job manifest (manifest.json) with --identity")
+    run_dir = run_dir or _default_run_dir(manifest)
+    try:
+        summary = run_data_owner(
+            manifest,
+            identity,
+            run_dir,
+            data_path=data,
+            listen=listen,
+            peers=peers,
+            resume=resume,
+            insecure=insecure,
+            on_epoch=_epoch_printer("chain"),
+        )
+    except (ProgramError, ConfigError) as e:
+        _fail(str(e))
+    except (TransportError, ProtocolError, CheckpointError, BudgetExceeded) as e:
+        _fail(f"the job stopped: {e} (state kept in {run_dir})")
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    _print_summary(summary, f"CliCooper run (data owner): {manifest}")
 
 
 @app.command()
@@ -317,15 +397,31 @@ def datasets() -> None:
 
 @app.command()
 def keys(
-    name: Annotated[str, typer.Argument(help="Party name (e.g. trainer_1, verifier).")],
+    name: Annotated[str | None, typer.Argument(help="Party name (e.g. trainer_1, verifier).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the key files.")] = Path("keys"),
+    job: Annotated[
+        Path | None,
+        typer.Option(
+            "--job", help="A TOML job config: make every party's keys, a local CA and the manifest."
+        ),
+    ] = None,
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="Extra host name or IP for the TLS certificates.")
+    ] = None,
 ) -> None:
-    """Create an Ed25519 identity (PEM, mode 0600) and a watermark key for a party."""
+    """Create an Ed25519 identity (PEM, mode 0600) and a watermark key for a party; or, with --job,
+    a whole job: OUT/manifest.json (public), OUT/<party>/ (each party's own private keys and TLS
+    certificate) and OUT/ca/ (the local CA; keep ca.key offline)."""
     import re
 
     from clicooper.checkpoint import atomic_write_bytes
     from clicooper.provenance import Identity, new_watermark_key
 
+    if job is not None:
+        _job_keys(job, out, tuple(host or ()))
+        return
+    if name is None:
+        _fail("give a party NAME, or --job CONFIG.toml for every party of a job")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
         _fail(f"party name {name!r} must be 1-64 letters, digits, '_', '-' or '.', and no path")
     files = [out / f"{name}{ext}" for ext in (".pem", ".wmkey", ".pub.json")]
@@ -343,6 +439,31 @@ def keys(
         f"{name}: fingerprint {ident.fingerprint()}\n  private key {files[0]}\n  watermark key "
         f"{files[1]}\n  public identity {files[2]}"
     )
+
+
+def _job_keys(config: Path, out: Path, hosts: tuple[str, ...]) -> None:
+    from clicooper.manifest import ManifestError, make_job
+
+    try:
+        cfg = load_config(config)
+        data = prepare_data(cfg)  # the input shape and classes the public architecture is sized from
+        manifest = make_job(
+            cfg,
+            out,
+            input_shape=data.input_shape,
+            num_classes=data.num_classes,
+            hosts=("localhost", "127.0.0.1", *hosts),
+        )
+    except (ConfigError, ManifestError) as e:
+        _fail(str(e))
+    except (ValueError, OSError) as e:
+        _fail(f"cannot make the job's keys in {out}: {e}")
+    console.print(f"job {manifest.job_id}: manifest {out / 'manifest.json'} (public)")
+    for p in manifest.parties:
+        console.print(
+            f"  {p.name} ({p.role}, position {p.position}): {out / p.name}/ (give it to {p.name} only)"
+        )
+    console.print(f"  local CA: {out / 'ca'}/ (keep ca.key offline)")
 
 
 def _public_key_file(path: Path) -> bytes:
@@ -367,6 +488,107 @@ KeyOpt = Annotated[
     Path | None,
     typer.Option("--verifier-key", help="The verifier's public key (NAME.pub.json, PEM or hex) to pin."),
 ]
+
+
+def _default_run_dir(manifest: Path) -> Path:
+    """`<run_root>/<job id>` from the manifest: where a party keeps its state by default."""
+    from clicooper.manifest import JobManifest, ManifestError
+
+    try:
+        m = JobManifest.load(manifest)
+    except ManifestError as e:
+        _fail(str(e))
+    return m.config.job.run_root / m.job_id
+
+
+@serve_app.command("trainer")
+def serve_trainer(
+    manifest: Annotated[Path, typer.Argument(help="The job manifest (manifest.json).")],
+    identity: Annotated[Path, typer.Option("--identity", help="This trainer's own identity folder.")],
+    run_dir: RunDirOpt = None,
+    listen: ListenOpt = None,
+    peers: PeersOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Serve one trainer until SIGTERM; resumes from its newest checkpoint in RUN_DIR/<name>/."""
+    _serve("trainer", manifest, identity, run_dir, listen, peers, insecure)
+
+
+@serve_app.command("verifier")
+def serve_verifier(
+    manifest: Annotated[Path, typer.Argument(help="The job manifest (manifest.json).")],
+    identity: Annotated[Path, typer.Option("--identity", help="The verifier's own identity folder.")],
+    run_dir: RunDirOpt = None,
+    listen: ListenOpt = None,
+    peers: PeersOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Serve the verifier until SIGTERM; then, if every round was recorded, check the job and issue
+    the certificate in RUN_DIR/verifier/."""
+    _serve("verifier", manifest, identity, run_dir, listen, peers, insecure)
+
+
+def _serve(
+    role: str, manifest: Path, identity: Path, run_dir: Path | None, listen, peers, insecure: bool
+) -> None:
+    from clicooper.programs import ProgramError, serve
+    from clicooper.transport.base import TransportError
+
+    try:
+        code = serve(
+            role,
+            manifest,
+            identity,
+            run_dir or _default_run_dir(manifest),
+            listen=listen,
+            peers=peers,
+            insecure=insecure,
+        )
+    except (ProgramError, ConfigError, CheckpointError, TransportError) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
+@launch_app.command("local")
+def launch_local_cmd(
+    manifest: Annotated[Path, typer.Argument(help="The job manifest (manifest.json).")],
+    keys_dir: Annotated[
+        Path | None,
+        typer.Option("--keys", help="Folder of the parties' identity folders (default: the manifest's)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder in which the run folder is created.")] = Path("runs"),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="At most 2 epochs on at most 20,000 samples (tests, a first try).")
+    ] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="The data owner's data path.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop the job after this many seconds.")] = None,
+) -> None:
+    """Start the verifier and every trainer as separate processes on 127.0.0.1, then the data owner;
+    per-party logs in RUN/logs/. Exit 0 when the job ran and the verifier certified it."""
+    from clicooper.launch import LaunchError, launch_local
+    from clicooper.manifest import ManifestError
+
+    try:
+        r = launch_local(
+            manifest, keys_dir=keys_dir, run_root=out, quick=quick, data_path=data, job_timeout=timeout
+        )
+    except (LaunchError, ManifestError) as e:
+        _fail(str(e))
+    s = r.summary or {}
+    console.print(f"run folder: {r.run_dir} (logs in {r.run_dir / 'logs'})")
+    if s:
+        console.print(f"test accuracy {s.get('test_accuracy'):.4f}; epsilon {s.get('epsilon')}")
+    console.print(
+        f"exit codes: data_owner {r.data_owner_code}, "
+        + ", ".join(f"{k} {v}" for k, v in r.server_codes.items())
+    )
+    if r.has_verifier:
+        ok = bool(r.verdict and r.verdict.get("ok"))
+        console.print("verifier: " + ("[green]VERIFIED[/]" if ok else "[red]REJECTED or no verdict[/]"))
+        if not ok:
+            raise typer.Exit(EXIT_REJECTED)
+    if not r.ok:
+        raise typer.Exit(1)
 
 
 @verify_app.command("job")

@@ -22,6 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clicooper.build import (
+    build_trainer,
+    build_verifier,
+    lr_schedule,
+    make_optimizer,
+    model_and_plan,
+    segment_input_shapes,
+    trainer_segments,
+)
 from clicooper.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -29,22 +38,23 @@ from clicooper.checkpoint import (
     round_prefix,
     saved_rounds,
 )
-from clicooper.config import JobConfig, ResumeError, TrainingSection, resume_changes
+from clicooper.config import JobConfig, ResumeError, resume_changes
 from clicooper.data import DatasetSplits, load_dataset
 from clicooper.data.loaders import DataLimits
-from clicooper.models import SplitPlan, build_model, plan_from_capacities, plan_from_cuts, split_model
+from clicooper.manifest import DATA_OWNER, JobManifest, PartyKeys, build_manifest, party_names
+from clicooper.models import SplitPlan, split_model
 from clicooper.models.cost import PartyCompute, SegmentWork, party_compute
 from clicooper.models.split import block_costs
-from clicooper.parties import DataOwner, Trainer, Verifier
+from clicooper.parties import DataOwner, Trainer
 from clicooper.privacy.defence import DataOwnerDefences
 from clicooper.privacy.dp_sgd import DpSgdPlan, dp_sgd_train
 from clicooper.privacy.label_dp import new_label_key
 from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
-from clicooper.provenance import Identity, WatermarkSpec, new_watermark_key
-from clicooper.provenance.stage import StageProvenance
+from clicooper.provenance import WatermarkSpec
 from clicooper.schedule import schedule, set_lr
-from clicooper.seeding import derive_seed, epoch_batches
+from clicooper.seeding import epoch_batches
 from clicooper.transport import InProcTransport, Transport
+from clicooper.transport.messages import Rewind
 
 EpochCallback = Callable[[dict], None]
 StepCallback = Callable[[int, int], None]
@@ -81,13 +91,6 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def make_optimizer(params, cfg: TrainingSection) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 def prepare_data(cfg: JobConfig) -> DatasetSplits:
     d = cfg.data
     limits = DataLimits(d.max_classes, d.max_input_elements, d.max_samples)
@@ -97,40 +100,11 @@ def prepare_data(cfg: JobConfig) -> DatasetSplits:
     return data
 
 
-def output_dim(cfg: JobConfig, num_classes: int) -> int:
-    """Pseudo-classes for the last trainer, or true classes when the data owner keeps the tail."""
-    return num_classes if cfg.privacy.u_shaped else cfg.privacy.gamma * num_classes
-
-
 def build_model_and_plan(
     cfg: JobConfig, data: DatasetSplits, model: nn.Sequential | None = None
 ) -> tuple[nn.Sequential, SplitPlan]:
     """The full model (seeded initial weights, or the user's own) and where it is cut."""
-    if model is None:
-        torch.manual_seed(derive_seed(cfg.job.seed, "init"))
-        model = build_model(cfg.model.arch, data.input_shape, output_dim(cfg, data.num_classes))
-    else:
-        model = copy.deepcopy(model)
-    n_blocks = len(list(model.children()))
-    u = cfg.privacy.u_shaped
-    if cfg.model.cut_points is not None:
-        plan = plan_from_cuts(cfg.model.cut_points, n_blocks, u_shaped=u)
-        if plan.n_trainers != cfg.model.n_trainers:
-            raise ValueError(
-                f"model.cut_points {cfg.model.cut_points} give {plan.n_trainers} trainer segment(s) "
-                f"but model.n_trainers is {cfg.model.n_trainers}"
-            )
-    else:
-        caps = cfg.model.capacities or [1.0] * cfg.model.n_trainers
-        plan = plan_from_capacities(
-            model,
-            data.input_shape,
-            caps,
-            head_blocks=cfg.model.head_blocks,
-            metric=cfg.model.balance_by,
-            u_shaped=u,
-        )
-    return model, plan
+    return model_and_plan(cfg, data.input_shape, data.num_classes, model)
 
 
 def new_run_dir(cfg: JobConfig, suffix: str = "") -> Path:
@@ -297,7 +271,14 @@ FROM_CONFIG = object()  # sentinel: build the data owner's defences from the job
 
 
 class ChainJob:
-    """A data owner and n trainers wired to one transport."""
+    """A data owner and n trainers (and, with watermarking, the verifier) wired to one transport.
+
+    The parties are built from a public manifest and each party's own keys (`clicooper.build`), as
+    the separate party programs build them. Without `manifest`, one is made for this run: each
+    party's keys are made (or, on resume, read) in its own folder of the run (`run_dir/<party>`),
+    or kept in memory without a run folder. `local` names the parties hosted in this process (all by
+    default); the others are reached through `transport` (the data owner's program hosts only
+    itself). `keys` gives hosted parties' keys read elsewhere (their identity folders)."""
 
     def __init__(
         self,
@@ -309,17 +290,44 @@ class ChainJob:
         defence: object = FROM_CONFIG,
         job_id: str | None = None,
         model: nn.Sequential | None = None,
+        manifest: JobManifest | None = None,
+        keys: dict[str, PartyKeys] | None = None,
+        local: set[str] | None = None,
     ) -> None:
         self.cfg, self.data, self.run_dir = cfg, data, run_dir
         self.config_changes = self._pin_config()
         self.notes: list[str] = []
         self.transport = transport or InProcTransport()
+        if manifest is not None:
+            job_id = manifest.job_id
         self.job_id = job_id or (run_dir.name if run_dir else f"{cfg.job.name}-inproc")
         self.model, self.plan = build_model_and_plan(cfg, data, model)
         self._train_bytes: Counter[tuple[str, str]] = Counter()
         self._train_steps = 0
         segs = split_model(self.model, self.plan)
         head, tail = segs[0], (segs[-1] if self.plan.u_shaped else None)
+        trainer_segs = trainer_segments(segs, self.plan)
+        names = [f"trainer_{i + 1}" for i in range(len(trainer_segs))]
+        self.trainer_names = names
+        wm = cfg.watermark.enabled
+        self.local = set(local) if local is not None else {n for n, _, _ in party_names(len(names), wm)}
+        # Input shapes from the public architecture (a dummy forward, before any local training).
+        shapes = segment_input_shapes(segs, data.input_shape)
+        keys = dict(keys or {})
+        if manifest is None:
+            for name, role, _ in party_names(len(names), wm):
+                if name not in keys:
+                    folder = run_dir / name if run_dir else None
+                    keys[name] = PartyKeys.load_or_create(folder, name, role, watermark=wm)
+            manifest = build_manifest(cfg, self.job_id, data.input_shape, data.num_classes, keys)
+        elif (
+            tuple(manifest.input_shape) != tuple(data.input_shape) or manifest.num_classes != data.num_classes
+        ):
+            raise ValueError(
+                f"the data ({data.num_classes} classes of shape {tuple(data.input_shape)}) do not match the "
+                f"job manifest ({manifest.num_classes} classes of shape {tuple(manifest.input_shape)})"
+            )
+        self.manifest = manifest
         if defence is FROM_CONFIG:
             defence = build_defence(cfg, data, run_dir)
         self.head_probe_accuracy: float | None = None
@@ -338,52 +346,35 @@ class ChainJob:
             self.head_probe_accuracy = probe_acc
         if cfg.model.head_pretrain_epochs:
             pretrain_head(head, data, cfg, labels=_pretrain_labels(defence, data))
-        trainer_segs = segs[1 : len(segs) - int(self.plan.u_shaped)]
-        names = [f"trainer_{i + 1}" for i in range(len(trainer_segs))]
         self.defence = defence
         one_shot = defence is not None and getattr(defence, "one_shot", False)
         if one_shot or cfg.model.freeze_head:
             head.requires_grad_(False)
         tcfg = cfg.training
-        lr_at = schedule(tcfg.lr, tcfg.epochs, tcfg.lr_schedule) if tcfg.lr_schedule != "constant" else None
-        shapes = self._segment_input_shapes(segs)
-        wm = cfg.watermark.enabled
         self.spec = WatermarkSpec(**cfg.watermark.model_dump(exclude={"enabled"})) if wm else None
+        verifier = manifest.verifier
         self.verifier = (
-            Verifier(
-                job_id=self.job_id,
-                transport=self.transport,
-                trainers=names,
-                spec=self.spec,
-                identity=self._identity("verifier"),
-                state_dir=run_dir / "verifier" if run_dir else None,
-                rounds=cfg.training.epochs,
+            build_verifier(
+                manifest,
+                keys[verifier],
+                self.transport,
+                state_dir=run_dir / verifier if run_dir else None,
             )
-            if wm
+            if verifier is not None and verifier in self.local
             else None
         )
-        self.trainers: list[Trainer] = []
-        for i, seg in enumerate(trainer_segs):
-            self.trainers.append(
-                Trainer(
-                    name=names[i],
-                    position=i + 1,
-                    job_id=self.job_id,
-                    transport=self.transport,
-                    segment=seg,
-                    optimizer=make_optimizer(seg.parameters(), tcfg),
-                    prev=names[i - 1] if i else "data_owner",
-                    next=names[i + 1] if i + 1 < len(names) else None,
-                    data_owner="data_owner",
-                    input_shape=shapes[i + 1],
-                    num_outputs=output_dim(cfg, data.num_classes),
-                    u_shaped=self.plan.u_shaped,
-                    hooks=self._stage_provenance(i, names) if wm else None,
-                    verifier="verifier" if wm else None,
-                    checkpoint_dir=run_dir / names[i] if run_dir else None,
-                    lr_schedule=lr_at,
-                )
+        self.trainers: list[Trainer] = [
+            build_trainer(
+                manifest,
+                keys[name],
+                self.transport,
+                checkpoint_dir=run_dir / name if run_dir else None,
+                segment=seg,
+                input_shape=shapes[i + 1],
             )
+            for i, (name, seg) in enumerate(zip(names, trainer_segs, strict=True))
+            if name in self.local
+        ]
         self.data_owner = DataOwner(
             job_id=self.job_id,
             transport=self.transport,
@@ -398,9 +389,9 @@ class ChainJob:
             tail=tail,
             tail_optimizer=make_optimizer(tail.parameters(), tcfg) if tail is not None else None,
             defence=defence,
-            verifier="verifier" if wm else None,
-            checkpoint_dir=run_dir / "data_owner" if run_dir else None,
-            lr_schedule=lr_at,
+            verifier=verifier,
+            checkpoint_dir=run_dir / DATA_OWNER if run_dir else None,
+            lr_schedule=lr_schedule(tcfg),
             micro_batches=tcfg.micro_batches,
         )
         for t in self.trainers:
@@ -422,43 +413,6 @@ class ChainJob:
                 f"{path} (the configuration this run started with) is unreadable: {e}"
             ) from None
         return resume_changes(started, self.cfg)
-
-    def _identity(self, name: str) -> Identity:
-        """A party's Ed25519 identity, kept in its own folder so a resumed job keeps it."""
-        path = self.run_dir / name / "identity.pem" if self.run_dir else None
-        if path is not None and path.exists():
-            return Identity.load(path, name=name)
-        ident = Identity.generate(name)
-        if path is not None:
-            ident.save(path)
-        return ident
-
-    def _stage_provenance(self, i: int, names: list[str]) -> StageProvenance:
-        key_path = self.run_dir / names[i] / "watermark.key" if self.run_dir else None
-        if key_path is not None and key_path.exists():
-            wm_key = bytes.fromhex(key_path.read_text().strip())
-        else:
-            wm_key = new_watermark_key()
-            if key_path is not None:
-                atomic_write_bytes(key_path, wm_key.hex().encode(), mode=0o600)
-        return StageProvenance(
-            identity=self._identity(names[i]),
-            wm_key=wm_key,
-            spec=self.spec,
-            job_id=self.job_id,
-            position=i + 1,
-            prev=names[i - 1] if i else "data_owner",
-            next=names[i + 1] if i + 1 < len(names) else None,
-            n_positions=len(names),
-        )
-
-    def _segment_input_shapes(self, segs: list[nn.Module]) -> list[tuple[int, ...]]:
-        shapes, x = [], self.data.train_x[:2]
-        with torch.no_grad():
-            for s in segs:
-                shapes.append(tuple(x.shape[1:]))
-                x = s.eval()(x)
-        return shapes
 
     def compute(self, head_pretrain_epochs: int | None = None) -> list[PartyCompute]:
         """Each party's parameters and share of the run's training multiply-adds (see models/cost.py).
@@ -482,8 +436,8 @@ class ChainJob:
                 forward_passes=0 if head_trains else (n if one_shot else n * epochs),
             )
         ]
-        for i, t in enumerate(self.trainers):
-            work.append(SegmentWork(t.name, n_params[i + 1], macs[i + 1], train_passes=n * epochs))
+        for i, name in enumerate(self.trainer_names):
+            work.append(SegmentWork(name, n_params[i + 1], macs[i + 1], train_passes=n * epochs))
         if self.plan.u_shaped:
             work.append(SegmentWork("data_owner", n_params[-1], macs[-1], train_passes=n * epochs))
         return party_compute(work)
@@ -524,10 +478,20 @@ class ChainJob:
                 raise ResumeError(f"no intact checkpoint in {self.run_dir}: every saved round is damaged")
         if self.verifier is not None:
             self.verifier.truncate(start)
+        self.rewind_remote(start)
         with (self.run_dir / RESUME_LOG).open("a") as f:
             entry = {"time": datetime.now().isoformat(timespec="seconds"), "from_round": start}
             f.write(json.dumps({**entry, "changes": self.config_changes, "notes": self.notes}) + "\n")
         return start
+
+    def rewind_remote(self, start: int) -> None:
+        """Tell the parties in other processes to go back to the state after round `start - 1`
+        (`Rewind`): those that kept running when another failed, and those restarted."""
+        remote = [n for n in self.trainer_names if n not in self.local]
+        if self.manifest.verifier is not None and self.manifest.verifier not in self.local:
+            remote.append(self.manifest.verifier)
+        for name in remote:
+            self.data_owner.send(Rewind, name, start, 0)
 
     def run(
         self,
@@ -581,7 +545,7 @@ class ChainJob:
             epochs=self.cfg.training.epochs,
             wall_time_s=wall,
             epoch_times_s=epoch_times,
-            n_trainers=len(self.trainers),
+            n_trainers=len(self.trainer_names),
             bytes_per_step=hops,
             defences=list(getattr(self.defence, "names", [])) if self.defence else [],
             run_dir=str(self.run_dir) if self.run_dir else None,

@@ -380,13 +380,13 @@ def test_acknowledgement_deadline(roster, pki, closing, monkeypatch):
 
 def test_roster_links_follow_the_protocol():
     r = Roster.chain("j", 3, verifier=True)
-    assert r.kinds("data_owner", "trainer_1") == {"forward", "round_end", "abort"}
-    assert r.kinds("data_owner", "trainer_3") == {"targets", "round_end", "abort"}
+    assert r.kinds("data_owner", "trainer_1") == {"forward", "round_end", "rewind", "abort"}
+    assert r.kinds("data_owner", "trainer_3") == {"targets", "round_end", "rewind", "abort"}
     assert r.kinds("trainer_2", "trainer_3") == {"forward"}
     assert r.kinds("trainer_3", "trainer_2") == {"backward"}
     assert r.kinds("trainer_1", "data_owner") == {"backward", "round_sealed", "abort"}
     assert r.kinds("verifier", "trainer_2") == {"nonce"}
-    assert r.kinds("trainer_2", "verifier") == {"register", "stage_sealed"}
+    assert r.kinds("trainer_2", "verifier") == {"register", "stage_sealed", "final_segment"}
     assert "no link" in r.check_link("trainer_1", "trainer_3")
     assert "not in the roster" in r.check_link("mallory", "trainer_1")
     assert r.check_link("trainer_2", "trainer_1") is None

@@ -150,10 +150,10 @@ def test_finding1_certificates(run, tmp_path):
         lambda r: (r / "verifier" / LOG_FILE).write_text(""),
         lambda r: (r / "verifier" / LOG_FILE).write_text("[" * 100000 + "\n"),
         lambda r: (r / "verifier" / LOG_FILE).write_text("9" * 5000 + "\n"),
-        lambda r: (r / "trainer_2" / "round_0001.json").write_text('{"a": ' + "9" * 5000 + "}"),
+        lambda r: (r / "verifier" / "segments" / "trainer_2.safetensors").write_text('{"a": ' + "9" * 5000),
         lambda r: (r / "verifier" / "identity.pem").write_text("garbage"),
-        lambda r: (r / "trainer_2" / "round_0001.safetensors").write_bytes(b""),
-        lambda r: (r / "trainer_2" / "round_0001.json").write_text("{"),
+        lambda r: (r / "verifier" / "segments" / "trainer_2.safetensors").write_bytes(b""),
+        lambda r: (r / "verifier" / "segments" / "trainer_2.safetensors").write_text("{"),
     ],
 )
 def test_finding6_verify_job_on_garbage_is_a_verdict_not_a_traceback(run, damage):

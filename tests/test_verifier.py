@@ -87,17 +87,18 @@ def _record(st, pos, rnd):
 
 
 def test_changed_weight_is_rejected(run):
-    f = run / "trainer_2" / "round_0001.safetensors"
+    f = run / "verifier" / "segments" / "trainer_2.safetensors"  # as delivered to the verifier
     t = load_file(str(f))
-    key = next(k for k in t if k.startswith("model.") and k.endswith("weight"))
+    key = next(k for k in t if k.endswith("weight"))
     t[key].view(-1)[0] += 1e-3
     save_file(t, str(f))
     assert "position 2, round 1" in _failures(run)
 
 
 def test_swapped_stages_are_rejected(run):
+    seg = run / "verifier" / "segments"
     for a, b in (("trainer_2", "tmp"), ("trainer_3", "trainer_2"), ("tmp", "trainer_3")):
-        (run / a).rename(run / b)
+        (seg / f"{a}.safetensors").rename(seg / f"{b}.safetensors")
     text = _failures(run)
     assert "position 2" in text and "position 3" in text
 
@@ -143,15 +144,12 @@ def test_watermark_does_not_match_unwatermarked_segment(run, digits):
     signature, digest and links all check out, so only watermark extraction can catch it."""
     plain = ChainJob(tiny_config(), digits, None)
     plain.run()
-    f = run / "trainer_1" / "round_0001.safetensors"
-    t = load_file(str(f))
-    for k, v in plain.trainers[0].segment.state_dict().items():
-        t[f"model.{k}"] = v.clone()
-    save_file(t, str(f))
+    f = run / "verifier" / "segments" / "trainer_1.safetensors"  # what it delivered to the verifier
+    swapped = {k: v.clone() for k, v in plain.trainers[0].segment.state_dict().items()}
+    save_file(swapped, str(f))
     st = _state(run)
     i, sr = _record(st, 1, 1)  # the last round's record: no later record links to its digest
     me = Identity.load(run / "trainer_1" / "identity.pem", name="trainer_1")
-    swapped = {k[len("model.") :]: v for k, v in t.items() if k.startswith("model.")}
     st["records"][i] = sign_record(
         me, sr.record.model_copy(update={"segment_sha256": segment_digest(swapped)})
     ).to_json()

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 __all__ = [
     "DataLimits",
@@ -183,6 +182,8 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     """Sorted train/test indices from a seeded stratified split (plain random if a class is too small)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    from sklearn.model_selection import train_test_split  # imported when needed: 3 s at start-up
+
     idx = np.arange(len(y))
     try:
         tr, te = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)

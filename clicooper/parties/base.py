@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from clicooper.checkpoint import atomic_write_bytes
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import Header, Message
+
+SEQ_INCARNATION_BITS = 32  # a restarted party numbers its messages from (incarnation << 32) + 1
 
 
 class ProtocolError(RuntimeError):
@@ -24,6 +28,7 @@ class Party:
         self.transport = transport
         self._seq_out = 0
         self._seq_in: dict[str, int] = {}
+        self.incarnation = 0  # how many times a party was started over its folder
 
     def send(self, cls: type[Message], receiver: str, rnd: int, step: int, **fields: Any) -> Message:
         self._seq_out += 1
@@ -53,6 +58,42 @@ class Party:
                 f"{self.name}: {msg.KIND} from {h.sender} has seq {h.seq} <= {last} (replayed or reordered)"
             )
         self._seq_in[h.sender] = h.seq
+
+    # -- sequence counters (checkpointed with each party's state) ------------
+    def seq_state(self) -> dict:
+        """The counters to checkpoint: the last seq sent, and the last accepted from each peer."""
+        return {"out": self._seq_out, "in": dict(self._seq_in)}
+
+    def start_incarnation(self, folder: Path | None) -> None:
+        """Number this start's messages above every earlier start's: a party rebuilt over its own
+        folder (a restart, a resume) is a new incarnation, and peers that kept running accept it."""
+        n = next_incarnation(folder)
+        self.incarnation = n
+        self._seq_out = max(self._seq_out, n << SEQ_INCARNATION_BITS)
+
+    def load_seq_state(self, state: dict | None) -> None:
+        """Restore the inbound counters from a checkpoint (peers only ever number upwards, so
+        nothing honest is refused; old messages replayed are). Outbound numbering stays in this
+        incarnation, and above the checkpoint's, even if the incarnation counter was lost."""
+        if not state:
+            return
+        self._seq_in = {str(k): int(v) for k, v in dict(state.get("in", {})).items()}
+        saved = int(state.get("out", 0)) >> SEQ_INCARNATION_BITS
+        self._seq_out = max(self._seq_out, (saved + 1) << SEQ_INCARNATION_BITS)
+
+
+def next_incarnation(folder: Path | None) -> int:
+    """A per-party restart counter in `folder/incarnation`, incremented on every call (0 without a
+    folder), so two restarts from the same checkpoint never reuse sequence numbers."""
+    if folder is None:
+        return 0
+    path = folder / "incarnation"
+    try:
+        n = int(path.read_text().strip()) + 1
+    except (OSError, ValueError):
+        n = 1
+    atomic_write_bytes(path, str(n).encode())
+    return n
 
 
 def check_tensor(t: torch.Tensor, *, where: str, dtype: torch.dtype, shape: tuple[int | None, ...]) -> None:

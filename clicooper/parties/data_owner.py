@@ -94,6 +94,7 @@ class DataOwner(Party):
         self.defence = defence
         self.verifier = verifier
         self.checkpoint_dir = checkpoint_dir
+        self.start_incarnation(checkpoint_dir)
         self.lr_schedule = lr_schedule
         self.rounds_done = 0
         self.last_round_steps = 0
@@ -334,6 +335,7 @@ class DataOwner(Party):
         meta.update(
             rounds_done=self.rounds_done,
             defence=self.defence.state_dict() if self.defence else None,
+            seq=self.seq_state(),
         )
         return tensors, meta
 
@@ -348,3 +350,4 @@ class DataOwner(Party):
         self.rounds_done = meta["rounds_done"]
         if self.defence is not None and meta.get("defence") is not None:
             self.defence.load_state_dict(meta["defence"])
+        self.load_seq_state(meta.get("seq"))

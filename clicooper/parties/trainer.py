@@ -24,11 +24,13 @@ from clicooper.schedule import RoundLr, set_lr
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
     Backward,
+    FinalSegment,
     Forward,
     Message,
     Nonce,
     Output,
     Register,
+    Rewind,
     RoundEnd,
     RoundSealed,
     StageSealed,
@@ -88,9 +90,11 @@ class Trainer(Party):
         verifier: str | None = None,
         checkpoint_dir: Path | None = None,
         lr_schedule: RoundLr | None = None,
+        rounds: int | None = None,
     ) -> None:
         super().__init__(name, job_id, transport)
         self.position = position
+        self.rounds = rounds  # with a verifier: after sealing the last round, deliver the segment to it
         self.lr_schedule = lr_schedule
         self.segment = segment
         self.optimizer = optimizer
@@ -104,6 +108,7 @@ class Trainer(Party):
         if (hooks is None) != (verifier is None):
             raise ValueError(f"{name}: provenance hooks and a verifier go together")
         self.checkpoint_dir = checkpoint_dir
+        self.start_incarnation(checkpoint_dir)
         self._inflight: dict[tuple[int, int, int], _InFlight] = {}  # (round, step, micro)
         self._targets: dict[tuple[int, int, int], tuple[torch.Tensor, int]] = {}  # labels, step rows
         self._steps: dict[tuple[int, int], _Accumulating] = {}
@@ -115,7 +120,12 @@ class Trainer(Party):
         self._allowed: dict[type[Message], tuple[str, ...]] = {
             Forward: (prev,),
             RoundEnd: (data_owner,),
+            Rewind: (data_owner,),
         }
+        self._initial = self._snapshot()  # what a rewind to round 0 restores
+        # A trainer started again as its own program may have missed steps: it trains again only
+        # once the data owner has rewound the job to a round every party completed.
+        self.awaiting_rewind = False
         if downstream is not None:
             self._allowed[Backward] = (downstream,)
         if self.is_last and not u_shaped:
@@ -127,6 +137,10 @@ class Trainer(Party):
     # -- message handling -------------------------------------------------
     def handle(self, msg: Message) -> None:
         self.check_incoming(msg, self._allowed)
+        if self.awaiting_rewind and isinstance(msg, (Forward, Targets, Backward, RoundEnd)):
+            raise ProtocolError(
+                f"{self.name}: restarted from its checkpoint; waiting for {self.data_owner} to rewind the job"
+            )
         if isinstance(msg, Forward):
             self._on_forward(msg)
         elif isinstance(msg, Targets):
@@ -137,6 +151,8 @@ class Trainer(Party):
             self._on_round_end(msg)
         elif isinstance(msg, Nonce):
             self._on_nonce(msg)
+        elif isinstance(msg, Rewind):
+            self._on_rewind(msg)
 
     def register_with_verifier(self) -> None:
         """Send identity and escrowed watermark key to the verifier (before any round opens)."""
@@ -297,11 +313,50 @@ class Trainer(Party):
             self.send(
                 StageSealed, self.verifier, rnd, msg.header.step, record=record, attestations=attestations
             )
+            if self.rounds is not None and rnd + 1 >= self.rounds:
+                self.deliver_segment(rnd)
         self.rounds_sealed = rnd + 1
         if self.checkpoint_dir is not None:
             self.save(_round_prefix(self.checkpoint_dir, rnd))
         self.round_steps = self.round_samples = 0
         self.send(RoundSealed, self.data_owner, rnd, msg.header.step)
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        tensors, meta = self.state()
+        return {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+
+    def _on_rewind(self, msg: Rewind) -> None:
+        """Go back to the state after round `header.round - 1` (the initial state for round 0)."""
+        rnd = msg.header.round
+        self.awaiting_rewind = False
+        self._inflight.clear()
+        self._targets.clear()
+        self._steps.clear()  # a step's micro-batches still accumulating
+        self.round_steps = self.round_samples = 0
+        if rnd == 0:
+            tensors, meta = self._initial
+            load_module_optimizer_state(self.segment, self.optimizer, tensors, meta)
+            self.rounds_sealed, self._last_train_step = 0, (-1, -1)
+            if self.hooks is not None:
+                self.hooks.load_state_dict(meta["hooks"])
+            return
+        if self.checkpoint_dir is None:
+            raise ProtocolError(f"{self.name}: cannot rewind to round {rnd} without checkpoints")
+        seq_in = dict(self._seq_in)
+        try:
+            self.load(_round_prefix(self.checkpoint_dir, rnd - 1))
+        except (OSError, ValueError, KeyError) as e:
+            raise ProtocolError(f"{self.name}: cannot rewind to round {rnd}: {e}") from None
+        self._seq_in = seq_in  # what this party accepted since is still accepted: no replays
+
+    def deliver_segment(self, rnd: int) -> None:
+        """Send the segment as sealed in round `rnd` to the verifier (a safetensors blob)."""
+        from safetensors.torch import save as save_safetensors
+
+        state = self.segment.state_dict()
+        blob = save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()})
+        weights = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        self.send(FinalSegment, self.verifier, rnd, 0, weights=weights)
 
     # -- state ------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -312,6 +367,7 @@ class Trainer(Party):
             rounds_sealed=self.rounds_sealed,
             last_train_step=list(self._last_train_step),
             hooks=self.hooks.state_dict() if self.hooks is not None else None,
+            seq=self.seq_state(),
         )
         return tensors, meta
 
@@ -327,3 +383,4 @@ class Trainer(Party):
         self._last_train_step = tuple(meta["last_train_step"])  # type: ignore[assignment]
         if self.hooks is not None and meta.get("hooks") is not None:
             self.hooks.load_state_dict(meta["hooks"])
+        self.load_seq_state(meta.get("seq"))

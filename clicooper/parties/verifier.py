@@ -15,9 +15,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
-from clicooper.checkpoint import CheckpointError, atomic_write_json, latest_round, load_state, round_prefix
+from clicooper.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    latest_round,
+    load_state,
+    round_prefix,
+)
 from clicooper.parties.base import Party, ProtocolError
 from clicooper.provenance import (
     Certificate,
@@ -34,14 +42,25 @@ from clicooper.provenance import (
     save_certificate,
     verify_chain,
 )
-from clicooper.provenance.records import prev_link_slots
+from clicooper.provenance.records import prev_link_slots, verify_record
 from clicooper.provenance.statelog import LogError, StateLog, check_nonce, read_log, signed_nonce
 from clicooper.transport.base import Transport
-from clicooper.transport.messages import Message, Nonce, Register, RoundOpen, RoundOpened, StageSealed
+from clicooper.transport.messages import (
+    FinalSegment,
+    Message,
+    Nonce,
+    Register,
+    Rewind,
+    RoundOpen,
+    RoundOpened,
+    StageSealed,
+)
 
 LOG_FILE = "state.log"
 IDENTITY_FILE = "identity.pem"
 CERTIFICATE_FILE = "certificate.json"
+SEGMENTS_DIR = "segments"  # final segments delivered by message: <trainer>.safetensors + .json
+SEQ_FILE = "seq.json"
 
 
 class Verifier(Party):
@@ -57,8 +76,11 @@ class Verifier(Party):
         data_owner: str = "data_owner",
         name: str = "verifier",
         rounds: int = 0,
+        expected_keys: dict[str, bytes] | None = None,
     ) -> None:
         super().__init__(name, job_id, transport)
+        # The job manifest's public keys: a registration under any other key is refused.
+        self.expected_keys = dict(expected_keys) if expected_keys is not None else None
         self.trainers, self.spec, self.identity, self.state_dir = trainers, spec, identity, state_dir
         self.position_of = {t: i + 1 for i, t in enumerate(trainers)}
         self.registry: dict[str, RegisteredTrainer] = {}
@@ -66,8 +88,20 @@ class Verifier(Party):
         self.records: dict[tuple[int, int], SignedRecord] = {}
         self.attestations: list[TranscriptAttestation] = []
         self.rounds = rounds
-        self._allowed = {Register: tuple(trainers), RoundOpen: (data_owner,), StageSealed: tuple(trainers)}
+        self._allowed = {
+            Register: tuple(trainers),
+            RoundOpen: (data_owner,),
+            StageSealed: tuple(trainers),
+            FinalSegment: tuple(trainers),
+            Rewind: (data_owner,),
+        }
         self.data_owner = data_owner
+        self.start_incarnation(state_dir)
+        if state_dir is not None and (state_dir / SEQ_FILE).is_file():
+            try:
+                self.load_seq_state(json.loads((state_dir / SEQ_FILE).read_text()))
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{state_dir / SEQ_FILE} is unreadable: {e}") from None
         transport.register(name, self.handle)
         log_path = state_dir / LOG_FILE if state_dir is not None else None
         if log_path is not None and log_path.exists():  # a resumed job: continue the signed log
@@ -108,6 +142,10 @@ class Verifier(Party):
             self._on_round_open(msg)
         elif isinstance(msg, StageSealed):
             self._on_stage_sealed(msg)
+        elif isinstance(msg, FinalSegment):
+            self._on_final_segment(msg)
+        elif isinstance(msg, Rewind):
+            self.truncate(msg.header.round)
         self.save()
 
     def _on_register(self, msg: Register) -> None:
@@ -120,6 +158,10 @@ class Verifier(Party):
             )
         except (ValueError, ValidationError) as e:
             raise ProtocolError(f"{self.name}: bad registration from {sender}: {e}") from None
+        if self.expected_keys is not None and self.expected_keys.get(sender) != entry.identity.public_key:
+            raise ProtocolError(
+                f"{self.name}: {sender} registered a public key that is not the one in the job manifest"
+            )
         if self.registry.get(entry.fingerprint) == entry:
             return  # a resumed trainer re-announcing the registration already in the log
         if self.nonces:
@@ -175,16 +217,47 @@ class Verifier(Party):
             )
         if slot in self.records:
             raise ProtocolError(f"{self.name}: a record for stage {slot} was already received")
+        reg = self.registry.get(signed.record.trainer)
+        if reg is None or reg.identity.name != sender or not verify_record(signed, reg.identity.public_key):
+            raise ProtocolError(
+                f"{self.name}: the stage record from {sender} is not signed by {sender}'s registered key"
+            )
         self.records[slot] = signed
         self.attestations.extend(atts)
         self.log.append(
             "record", {"record": signed.to_json(), "attestations": [a.model_dump(mode="json") for a in atts]}
         )
 
+    def _on_final_segment(self, msg: FinalSegment) -> None:
+        """Keep a trainer's delivered segment if it is the one its signed record for that round names."""
+        from safetensors.torch import load as load_safetensors
+
+        from clicooper.provenance.records import segment_digest
+
+        sender, rnd = msg.header.sender, msg.header.round
+        signed = self.records.get((self.position_of[sender], rnd))
+        if signed is None:
+            raise ProtocolError(f"{self.name}: {sender} delivered a round-{rnd} segment without its record")
+        blob = msg.weights.numpy().tobytes() if msg.weights.dtype == torch.uint8 else b""
+        try:
+            weights = load_safetensors(blob)
+            digest = segment_digest(weights)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own (Rust) error types
+            raise ProtocolError(f"{self.name}: {sender}'s segment is not a safetensors file: {e}") from None
+        if digest != signed.record.segment_sha256:
+            raise ProtocolError(
+                f"{self.name}: {sender}'s delivered segment is not the one its round-{rnd} record signs"
+            )
+        if self.state_dir is not None:
+            d = self.state_dir / SEGMENTS_DIR
+            atomic_write_bytes(d / f"{sender}.safetensors", blob)
+            atomic_write_json(d / f"{sender}.json", {"round": rnd, "position": self.position_of[sender]})
+
     # -- persistence ------------------------------------------------------
     def save(self) -> None:
         if self.state_dir is not None:
             self.log.save(self.state_dir / LOG_FILE)
+            atomic_write_json(self.state_dir / SEQ_FILE, self.seq_state())
 
     def truncate(self, from_round: int) -> None:
         """Forget rounds >= from_round (a resumed job re-runs them under fresh nonces); logged, signed."""
@@ -281,12 +354,22 @@ def load_evidence(verifier_dir: Path, public_key: bytes | None = None) -> JobEvi
 
 
 def delivered_segment(trainer_dir: Path) -> dict:
-    """A trainer's delivered final segment: the weights of its newest intact checkpoint."""
+    """A trainer's final segment from its own folder (runs made before segments were delivered by
+    message): the weights of its newest intact checkpoint."""
     rnd = latest_round(trainer_dir)
     if rnd is None:
         raise FileNotFoundError(f"no delivered segment in {trainer_dir}")
     tensors, _ = load_state(round_prefix(trainer_dir, rnd), verify=False)  # the signed digest decides
     return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _load_delivered(path: Path) -> dict:
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        return load_safetensors(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own (Rust) error types
+        raise ValueError(f"{path} is not a safetensors file: {e}") from None
 
 
 def _rejected(job_id: str, reason: str) -> ChainVerdict:
@@ -361,12 +444,16 @@ def verify_run(
 def _verify_evidence(run_dir: Path, ev: JobEvidence) -> ChainVerdict:
     pre: list[Finding] = []
     segments = {}
+    sdir = run_dir / "verifier" / SEGMENTS_DIR
     for i, name in enumerate(ev.trainers, start=1):
         tdir = run_dir / name
         try:
-            if tdir.exists() and latest_round(tdir) is not None:
+            if sdir.is_dir():  # delivered to the verifier by message: the only source then
+                if (sdir / f"{name}.safetensors").is_file():
+                    segments[i] = _load_delivered(sdir / f"{name}.safetensors")
+            elif tdir.exists() and latest_round(tdir) is not None:
                 segments[i] = delivered_segment(tdir)
-        except (CheckpointError, OSError) as e:
+        except (CheckpointError, OSError, ValueError) as e:
             pre.append(Finding(position=i, round=None, ok=False, reason=f"delivered segment unreadable: {e}"))
     if sorted(ev.nonces) != list(range(ev.rounds)):
         pre.append(

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.stats import binom
 from torch import nn
 
 WM_KEY_BYTES = 32
@@ -242,6 +241,8 @@ def detection_threshold(n_bits: int, fp_bound: float = 1e-6) -> int:
         raise ValueError(f"n_bits must be positive, got {n_bits}")
     if not 0 < fp_bound < 1:
         raise ValueError(f"fp_bound must be in (0, 1), got {fp_bound}")
+    from scipy.stats import binom  # imported when needed: 2 s at start-up
+
     cdf = binom.cdf(np.arange(n_bits + 1), n_bits, 0.5)
     ok = np.nonzero(cdf <= fp_bound)[0]
     return int(ok[-1]) if ok.size else -1
@@ -265,6 +266,8 @@ def detect(extracted: torch.Tensor, expected: torch.Tensor, fp_bound: float = 1e
     """Match when the bit errors are within `detection_threshold` (equivalently p_value <= fp_bound)."""
     if extracted.numel() != expected.numel():
         raise ValueError(f"extracted {extracted.numel()} bits but expected {expected.numel()}")
+    from scipy.stats import binom
+
     n = int(expected.numel())
     errors = int(((extracted.reshape(-1) > 0.5) != (expected.reshape(-1).to(extracted.device) > 0.5)).sum())
     threshold = detection_threshold(n, fp_bound)

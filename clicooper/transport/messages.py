@@ -140,6 +140,25 @@ class StageSealed(Message):
 
 
 @dataclass(frozen=True)
+class FinalSegment(Message):
+    """A trainer delivers its segment after the last round to the verifier: the weights as one
+    safetensors blob (uint8; parsed with safetensors, never unpickled). The verifier checks them
+    against the digest in the trainer's signed stage record for `header.round`."""
+
+    KIND: ClassVar[str] = "final_segment"
+    weights: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+
+@dataclass(frozen=True)
+class Rewind(Message):
+    """The data owner resumes the job at round `header.round` after a failure: a trainer goes back
+    to its checkpoint of the round before (its initial state for round 0), dropping any step in
+    flight; the verifier forgets rounds from `header.round` on (logged, signed)."""
+
+    KIND: ClassVar[str] = "rewind"
+
+
+@dataclass(frozen=True)
 class Abort(Message):
     """A party failed or refused a message and stops: the reason travels to the data owner, which
     drives the job (and from it to the others). Networked transports send it when a handler raises;
@@ -163,6 +182,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Nonce,
         RoundOpened,
         StageSealed,
+        FinalSegment,
+        Rewind,
         Abort,
     )
 }

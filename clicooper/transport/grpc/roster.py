@@ -40,16 +40,16 @@ class Roster:
         links[(ts[-1], do)].add("output")
         links[(ts[0], do)].add("backward")
         for i, t in enumerate(ts):
-            links[(do, t)].add("round_end")
+            links[(do, t)].update({"round_end", "rewind"})
             links[(t, do)].add("round_sealed")
             if i + 1 < len(ts):
                 links[(t, ts[i + 1])].add("forward")
                 links[(ts[i + 1], t)].add("backward")
             if v is not None:
-                links[(t, v)].update({"register", "stage_sealed"})
+                links[(t, v)].update({"register", "stage_sealed", "final_segment"})
                 links[(v, t)].add("nonce")
         if v is not None:
-            links[(do, v)].add("round_open")
+            links[(do, v)].update({"round_open", "rewind"})
             links[(v, do)].add("round_opened")
         for s, r, kind in self.extra:
             links[(s, r)].add(kind)

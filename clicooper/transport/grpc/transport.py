@@ -179,6 +179,8 @@ class _Link:
 
     def send(self, frame: bytes, what: str) -> None:
         with self.lock:
+            if self.call is not None and self.call.done():
+                self.close()  # the stream ended before this frame (the peer went away): dial again
             if self.call is None:
                 self._open()
             assert self.requests is not None
@@ -487,6 +489,21 @@ class GrpcTransport(Transport):
         if isinstance(msg, Abort):
             raise RemoteAbort(msg)
         return msg
+
+    def drain(self, party: str) -> list[Message]:
+        """Take every message already queued for a pulling party (stale replies after a failure)."""
+        q = self._queues.get(party)
+        out = []
+        while q is not None:
+            try:
+                msg = q.get_nowait()
+            except queue.Empty:
+                break
+            if msg is _STOP:
+                q.put(_STOP)
+                break
+            out.append(msg)
+        return out
 
     def abort_all(self, sender: str, reason: str) -> list[str]:
         """The data owner tells every party it has a link to that the job stops; returns who was told."""
