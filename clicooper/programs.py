@@ -33,6 +33,7 @@ from typing import TextIO
 
 from clicooper.checkpoint import CheckpointError, round_prefix, save_state, saved_rounds
 from clicooper.manifest import DATA_OWNER, JobManifest, ManifestError, PartyKeys
+from clicooper.threads import apply_threads
 
 log = logging.getLogger("clicooper.programs")
 
@@ -66,6 +67,8 @@ def load_party(manifest_path: Path, identity: Path, role: str) -> tuple[JobManif
         raise ProgramError(str(e)) from None
     if keys.role != role:
         raise ProgramError(f"{identity} holds the keys of {keys.name}, a {keys.role}, not of a {role}")
+    # `job.threads` when configured; otherwise torch's default, or OMP_NUM_THREADS (launch local: 1)
+    apply_threads(manifest.config.job.threads)
     return manifest, keys
 
 
