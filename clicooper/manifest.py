@@ -293,13 +293,19 @@ def build_manifest(
                 address=(addresses or {}).get(name),
             )
         )
-    return JobManifest(
-        job_id=job_id,
-        config=cfg,
-        input_shape=tuple(input_shape),
-        num_classes=num_classes,
-        parties=tuple(entries),
-        ca_cert=ca_cert.decode() if ca_cert else None,
+    # `cfg` was validated when it was made; code may pair it with a model it builds itself (the
+    # benchmarks' deep MLP), so the architecture check of a config file is not repeated here.
+    # A manifest read from disk (`JobManifest.load`) is always checked in full.
+    return JobManifest.model_validate(
+        {
+            "job_id": job_id,
+            "config": cfg,
+            "input_shape": tuple(input_shape),
+            "num_classes": num_classes,
+            "parties": tuple(entries),
+            "ca_cert": ca_cert.decode() if ca_cert else None,
+        },
+        context={"programmatic": True},
     )
 
 
