@@ -817,7 +817,7 @@ def eval_privacy(
     """Attacks x defences: clustering, inversion and extraction against the undefended default job, no
     defence on the defended job's model, DP only, label expansion only, full CliCooper (with and without
     label DP) and U-shaped (with and without label DP); Markdown/HTML report with figures."""
-    from clicooper.evaluation.privacy import run_privacy_eval
+    from clicooper.evaluation.privacy import UnknownRowError, run_privacy_eval
 
     cfg = _eval_config(quick, dataset, path)
     plain = _eval_config(quick, dataset, path, base=PLAIN)
@@ -836,7 +836,7 @@ def eval_privacy(
             default_job=plain,
             only=tuple(only) if only else None,
         )
-    except ValueError as e:  # an unknown --only row
+    except UnknownRowError as e:  # only this usage error; a failure while training is not one
         _fail(str(e))
     console.print(f"report: {md} (and {md.with_suffix('.html')})")
 

@@ -415,6 +415,10 @@ def _train_and_attack(
     return res, (originals, wb, bb)
 
 
+class UnknownRowError(ValueError):
+    """`only` names a row the matrix does not have (a usage error, raised before any training)."""
+
+
 def run_privacy_eval(
     cfg: JobConfig,
     data: DatasetSplits,
@@ -451,7 +455,7 @@ def run_privacy_eval(
     if only is not None:
         unknown = set(only) - set(jobs)
         if unknown:
-            raise ValueError(f"unknown matrix rows {sorted(unknown)}; available: {list(jobs)}")
+            raise UnknownRowError(f"unknown matrix rows {sorted(unknown)}; available: {list(jobs)}")
         jobs = {n: c for n, c in jobs.items() if n in only}
     results: dict[str, dict] = {}
     grids = {}
