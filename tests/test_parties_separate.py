@@ -7,6 +7,10 @@ holds lets it sign as a trainer."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -226,16 +230,34 @@ def test_manifest_is_public_and_checked(tmp_path):
         JobManifest.load(tmp_path / "bad.json")
 
 
+def _launch_and_kill_trainer_2_in_round_2(manifest_path, run):
+    """Launch the job as separate processes, kill -9 trainer_2 shortly after round 1 completes (the
+    launcher starts it again), and return the launch result and each party's log."""
+    out: dict = {}
+    th = threading.Thread(
+        target=lambda: out.update(r=launch_local(manifest_path, run_dir=run, job_timeout=240))
+    )
+    th.start()
+    deadline = time.monotonic() + 180
+    while not (run / "data_owner" / "round_0000.json").exists():
+        assert time.monotonic() < deadline and th.is_alive(), "round 1 never completed"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into round 2
+    os.kill(json.loads((run / "pids.json").read_text())["trainer_2"], signal.SIGKILL)
+    th.join(timeout=280)
+    assert not th.is_alive()
+    logs = {p.stem: p.read_text() for p in (run / "logs").glob("*.log")}
+    assert out["r"].ok, (out["r"], logs["data_owner"][-3000:])
+    assert logs["trainer_2"].count("READY") == 2  # started again
+    assert "resuming from the last completed round" in logs["data_owner"]
+    return out["r"], logs
+
+
 def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
     """kill -9 of trainer_2 during round 2 of 4: the launcher starts it again on the same address,
     it resumes from its own checkpoint, the data owner pauses, rewinds every party to the last
     completed round and goes on; the job completes, epsilon counts the re-released round, the
     verifier's log records the rewind and the chain verifies."""
-    import os
-    import signal
-    import threading
-    import time
-
     cfg = _cfg(
         privacy={"dp": True, "epsilon": 50.0, "clip": 5.0, "release": "per-step", "gamma": 2},
         watermark={"enabled": True, "n_bits": 64},
@@ -243,28 +265,8 @@ def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
     )
     _make(cfg, tmp_path / "keys")
     run = tmp_path / "run"
-    out: dict = {}
-    th = threading.Thread(
-        target=lambda: out.update(
-            r=launch_local(tmp_path / "keys" / "manifest.json", run_dir=run, job_timeout=240)
-        )
-    )
-    th.start()
-    deadline = time.monotonic() + 180
-    while not (run / "data_owner" / "round_0000.json").exists():
-        assert time.monotonic() < deadline and th.is_alive(), "round 1 never completed"
-        time.sleep(0.05)
-    time.sleep(0.5)  # into round 2
-    pid = json.loads((run / "pids.json").read_text())["trainer_2"]
-    os.kill(pid, signal.SIGKILL)
-    th.join(timeout=280)
-    assert not th.is_alive()
-    r = out["r"]
-    logs = {p.stem: p.read_text() for p in (run / "logs").glob("*.log")}
-    assert r.ok, (r, logs["data_owner"][-3000:])
+    r, _ = _launch_and_kill_trainer_2_in_round_2(tmp_path / "keys" / "manifest.json", run)
     assert r.summary["epochs"] == 4 and r.verdict["ok"]
-    assert logs["trainer_2"].count("READY") == 2  # started again
-    assert "resuming from the last completed round" in logs["data_owner"]
     assert any(e["type"] == "rewind" for e in read_log(run / "verifier" / LOG_FILE))
     ledger = json.loads((run / "data_owner" / "privacy_ledger.json").read_text())
     assert ledger["releases"] >= 4
@@ -388,33 +390,10 @@ def test_kill_9_then_restart_reaches_the_uninterrupted_runs_weights(tmp_path):
     nonces in the weights) a run whose trainer_2 is killed in round 2 and restarted ends with the
     same weights and test accuracy as the same job run without interruption, so nothing of the
     completed rounds was lost and the replayed round was trained exactly once."""
-    import os
-    import signal
-    import threading
-    import time
-
     cfg = _cfg(training={"epochs": 4})
     manifest, data = _make(cfg, tmp_path / "keys")
     run = tmp_path / "run"
-    out: dict = {}
-    th = threading.Thread(
-        target=lambda: out.update(
-            r=launch_local(tmp_path / "keys" / "manifest.json", run_dir=run, job_timeout=240)
-        )
-    )
-    th.start()
-    deadline = time.monotonic() + 180
-    while not (run / "data_owner" / "round_0000.json").exists():
-        assert time.monotonic() < deadline and th.is_alive(), "round 1 never completed"
-        time.sleep(0.05)
-    time.sleep(0.3)  # into round 2
-    os.kill(json.loads((run / "pids.json").read_text())["trainer_2"], signal.SIGKILL)
-    th.join(timeout=280)
-    assert not th.is_alive()
-    r = out["r"]
-    logs = {p.stem: p.read_text() for p in (run / "logs").glob("*.log")}
-    assert r.ok, (r, logs["data_owner"][-3000:])
-    assert logs["trainer_2"].count("READY") == 2 and "resuming" in logs["data_owner"]
+    r, _ = _launch_and_kill_trainer_2_in_round_2(tmp_path / "keys" / "manifest.json", run)
     ref = ChainJob(
         cfg, data, tmp_path / "ref", manifest=manifest, keys=_all_keys(manifest, tmp_path / "keys")
     )
