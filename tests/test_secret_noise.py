@@ -82,3 +82,27 @@ def test_resume_resends_the_saved_release_and_a_lost_one_is_counted(digits, tmp_
     assert not torch.equal(redrawn, r0)
     assert lost.defence.accountant.releases == 2  # the second draw is paid for
     assert lost.defence.epsilon() > resumed.defence.epsilon()
+
+
+def test_the_secure_sampler_is_standard_normal_and_never_repeats():
+    """The keystream sampler's draws: mean 0, variance 1 and kurtosis 3 within 6 standard errors,
+    a Kolmogorov-Smirnov test against N(0, 1) far from rejection, and two calls that share nothing
+    (a fresh key per call). Each bound fails for a correct sampler with probability below 1e-8."""
+    from scipy import stats
+
+    from clicooper.privacy.secure_noise import secure_normal_like, secure_standard_normal
+
+    n = 400_001  # odd: the last Box-Muller pair is cut
+    z = secure_standard_normal(n)
+    assert z.shape == (n,) and z.dtype == torch.float64 and bool(torch.isfinite(z).all())
+    se = 1 / math.sqrt(n)
+    assert abs(float(z.mean())) < 6 * se
+    assert abs(float(z.var()) - 1) < 6 * math.sqrt(2) * se
+    assert abs(float((z**4).mean()) - 3) < 6 * math.sqrt(96) * se
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-8
+    w = secure_standard_normal(n)
+    assert abs(float(torch.corrcoef(torch.stack([z, w]))[0, 1])) < 6 * se
+    assert not bool(torch.isin(z[:1000], w).any())
+    noise = secure_normal_like(torch.zeros(4, 3, dtype=torch.float16), 2.0)
+    assert noise.shape == (4, 3) and noise.dtype == torch.float16
+    assert secure_standard_normal(0).shape == (0,)
