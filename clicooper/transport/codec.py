@@ -41,6 +41,8 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _HEADER_TYPES = {f.name: _SCALAR_TYPES[f.type] for f in dataclasses.fields(Header)}
+_HEADER_CHECKS = {k: (t, f"header.{k}") for k, t in _HEADER_TYPES.items()}
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: dumps() builds one per call
 
 
 class CodecError(ValueError):
@@ -80,15 +82,15 @@ def encode(msg: Message) -> memoryview:
         "fields": {name: getattr(msg, name) for name in _scalar_fields(cls)},
         "tensors": tensors_meta,
     }
-    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    head = _JSON.encode(header).encode()
     head += b" " * (_align(4 + len(head)) - 4 - len(head))
-    total = 4 + len(head) + sum(_align(a.nbytes) for a in arrays)
+    prefix = struct.pack(">I", len(head)) + head
+    total = len(prefix) + sum(_align(a.nbytes) for a in arrays)
     raw = np.empty(total + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
+    start = (-raw.__array_interface__["data"][0]) % ALIGN
     out = raw[start : start + total]
-    out[:4] = np.frombuffer(struct.pack(">I", len(head)), dtype=np.uint8)
-    out[4 : 4 + len(head)] = np.frombuffer(head, dtype=np.uint8)
-    offset = 4 + len(head)
+    out[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    offset = len(prefix)
     for a in arrays:
         out[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
         out[offset + a.nbytes : offset + _align(a.nbytes)] = 0
@@ -100,15 +102,17 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _check_type(value: Any, expected: type, where: str) -> Any:
+def _check_type(value: Any, expected: type, kind: str, name: str) -> Any:
+    """`value` as `expected`; the error names `kind.name` (formatted only on error: this runs for
+    every field of every message)."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not expected:
-        raise CodecError(f"{where}: expected {expected.__name__}, got {type(value).__name__}")
+        raise CodecError(f"{kind}.{name}: expected {expected.__name__}, got {type(value).__name__}")
     if expected is float and not math.isfinite(value):
-        raise CodecError(f"{where}: not finite")
+        raise CodecError(f"{kind}.{name}: not finite")
     if expected is int and not INT_MIN <= value <= INT_MAX:
-        raise CodecError(f"{where}: integer out of the signed 64-bit range")
+        raise CodecError(f"{kind}.{name}: integer out of the signed 64-bit range")
     return value
 
 
@@ -226,14 +230,14 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
     h = header["header"]
     if not isinstance(h, dict) or set(h) != set(_HEADER_TYPES):
         raise CodecError(f"{cls.KIND}: malformed header fields")
-    hdr = Header(**{k: _check_type(h[k], t, f"{cls.KIND}.header.{k}") for k, t in _HEADER_TYPES.items()})
+    hdr = Header(**{k: _check_type(h[k], t, cls.KIND, where) for k, (t, where) in _HEADER_CHECKS.items()})
     _check_header_ints(hdr, cls.KIND)
     scalars = _scalar_fields(cls)
     fields = header["fields"]
     if not isinstance(fields, dict) or set(fields) != set(scalars):
         got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
         raise CodecError(f"{cls.KIND}: expected fields {sorted(scalars)}, got {str(got)[:200]}")
-    kwargs: dict[str, Any] = {k: _check_type(fields[k], t, f"{cls.KIND}.{k}") for k, t in scalars.items()}
+    kwargs: dict[str, Any] = {k: _check_type(fields[k], t, cls.KIND, k) for k, t in scalars.items()}
     expected = _tensor_fields(cls)
     metas = header["tensors"]
     if (
