@@ -54,6 +54,7 @@ from clicooper.provenance import (
     verify_segment_watermark,
     verify_signature,
 )
+from clicooper.provenance.watermark import completion_delta, new_watermark_key
 
 SPEC = WatermarkSpec(n_bits=128, strength=0.2, fp_bound=1e-6)
 N_POS, N_ROUNDS, STEPS = 2, 2, 120
@@ -528,3 +529,44 @@ def test_transcript_hasher_both_ends_agree() -> None:
     assert sender.digest() != receiver.digest()
     assert link_direction("prev", "in") == link_direction("next", "out") == "forward"
     assert link_direction("next", "in") == link_direction("prev", "out") == "backward"
+
+
+@pytest.mark.parametrize("max_weights", [None, 1500])
+def test_completion_sets_a_missing_mark_with_the_least_change(max_weights):
+    """A segment whose weights never saw the regulariser (large, unrelated weights) carries a
+    random mark (about half the bits wrong). `complete` sets every bit, leaves the projections of
+    the bits that were right as they were, and changes the weights by the least-norm amount (no
+    change orthogonal to the projections' row space); a second call changes nothing."""
+    torch.manual_seed(3)
+    seg = nn.Sequential(nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 10))
+    with torch.no_grad():
+        for p in seg.parameters():
+            p.mul_(20)
+    spec = WatermarkSpec(n_bits=128, strength=0.05, max_weights=max_weights)
+    emb = WatermarkEmbedder(spec, new_watermark_key(), (torch.rand(128) > 0.5).float(), seg, round_nonce=b"r")
+    before = emb._w(seg).detach().clone()
+    biases = {n: p.detach().clone() for n, p in seg.named_parameters() if n.endswith("bias")}
+    wrong = int((emb.extract(seg) != emb.bits).sum())
+    assert wrong > spec.threshold  # not detected as trained
+    assert emb.complete(seg) == wrong
+    after = emb._w(seg).detach()
+    assert emb.verdict(seg).bit_errors == 0 and emb.verdict(seg).matched
+    right = (emb.X @ before > 0).float() == emb.bits
+    torch.testing.assert_close((emb.X @ after)[right], (emb.X @ before)[right], rtol=1e-4, atol=1e-2)
+    dw = (after - before).double()
+    X = emb.X.double()
+    in_row_space = X.T @ torch.linalg.lstsq(X.T, dw.unsqueeze(1)).solution.squeeze(1)
+    assert float((dw - in_row_space).norm()) < 1e-3 * float(dw.norm())
+    assert all(torch.equal(p, biases[n]) for n, p in seg.named_parameters() if n in biases)  # kernels only
+    assert emb.complete(seg) == 0
+    assert torch.equal(emb._w(seg), after)
+
+
+def test_completion_leaves_a_detected_mark_alone():
+    assert completion_delta(torch.ones(4), torch.eye(4), torch.ones(4)).abs().sum() == 0
+    seg = nn.Linear(64, 64)
+    spec = WatermarkSpec(n_bits=32, strength=0.05)
+    emb = WatermarkEmbedder(spec, new_watermark_key(), torch.zeros(32), seg, round_nonce=b"r")
+    emb.bits = emb.extract(seg).clone()  # the mark as it stands: nothing to complete
+    w = emb._w(seg).clone()
+    assert emb.complete(seg) == 0 and torch.equal(emb._w(seg), w)

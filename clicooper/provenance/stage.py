@@ -8,6 +8,7 @@ at round end sign a stage record and transcript attestations for the verifier.
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ from clicooper.provenance.records import (
     sign_record,
 )
 from clicooper.provenance.watermark import WatermarkEmbedder, WatermarkSpec
+
+log = logging.getLogger("clicooper.provenance")
 
 
 class StageProvenance:
@@ -45,6 +48,7 @@ class StageProvenance:
         self.nonce: bytes = b""
         self.links: list[str] = []
         self.embedder: WatermarkEmbedder | None = None
+        self.completed_bits = 0  # bits the last seal had to complete (0: the regulariser set them)
         self.hashers = {"prev": TranscriptHasher(), "next": TranscriptHasher()}
 
     def open_round(self, rnd: int, nonce: bytes, links: list[str], segment: nn.Module) -> None:
@@ -83,6 +87,15 @@ class StageProvenance:
         """Sign the round's stage record and transcript attestations (both JSON) for the verifier."""
         if self.round != rnd or self.embedder is None:
             raise RuntimeError(f"trainer at position {self.position}: round {rnd} was never opened")
+        self.completed_bits = self.embedder.complete(segment)
+        if self.completed_bits:
+            log.info(
+                "position %d, round %d: the regulariser left %d of %d watermark bits wrong; completed them",
+                self.position,
+                rnd,
+                self.completed_bits,
+                self.spec.n_bits,
+            )
         record = build_stage_record(
             job_id=self.job_id,
             rnd=rnd,

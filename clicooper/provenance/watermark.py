@@ -2,7 +2,11 @@
 
 A trainer embeds `n_bits` bits into selected weights `w` of its segment with the
 regulariser `strength * BCE(sigmoid(X w), b)`; anyone holding the watermark key
-re-creates `X` and reads `b^ = 1[X w > 0]`.
+re-creates `X` and reads `b^ = 1[X w > 0]`. When the regulariser has not set the round's
+bits by the end of the round (large weights and a decayed learning rate can leave it short:
+a fresh mark every round must move `w` by a fixed amount, whatever the learning rate), the
+trainer completes the mark with the smallest change of `w` that sets the missing bits
+(`completion_delta`), before it seals the round.
 
 The bits of round r are an HMAC of the trainer's watermark key over the
 verifier's nonce for r, the trainer's identity and the digests of the records
@@ -228,6 +232,27 @@ def extract_bits(weights_flat: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         return (X.to(weights_flat.device) @ weights_flat.detach().float() > 0).float().cpu()
 
 
+def completion_delta(w: torch.Tensor, X: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """The smallest change of `w` (in L2 norm) after which every projection agrees with its bit.
+
+    A wrong bit's projection is moved to the bit's side, as far from zero as the median of the
+    projections that were already right (so a completed bit is as robust as an embedded one);
+    right bits keep their projections exactly. With these equality constraints on `X dw` the
+    least-norm solution is `X^T (X X^T)^+ delta`, computed in float64. Zero when all bits are set.
+    """
+    X64, w64 = X.double(), w.detach().double()
+    logits = X64 @ w64
+    sign = bits.to(logits).reshape(-1) * 2 - 1
+    right = sign * logits > 0
+    if bool(right.all()):
+        return torch.zeros_like(w)
+    pool = (sign * logits)[right] if bool(right.any()) else logits.abs()
+    margin = float(pool.median()) if pool.numel() else 1.0
+    delta = torch.where(right, torch.zeros_like(logits), sign * margin - logits)
+    dw = X64.T @ (torch.linalg.pinv(X64 @ X64.T, hermitian=True) @ delta)
+    return dw.to(w.dtype)
+
+
 # ---------------------------------------------------------------- detection
 
 
@@ -399,6 +424,24 @@ class WatermarkEmbedder:
 
     def extract(self, segment: Segment) -> torch.Tensor:
         return extract_bits(self._w(segment), self.X)
+
+    def complete(self, segment: nn.Module) -> int:
+        """If more than half the detection threshold of bits are wrong, apply `completion_delta`
+        to the segment's weights in place; return how many bits it set (0: the regulariser did).
+        Below that, the regulariser's own mark is left as trained (it is detected with margin)."""
+        w = self._w(segment)
+        wrong = int((extract_bits(w, self.X) != self.bits).sum())
+        if wrong <= self.spec.threshold // 2:
+            return 0
+        dw = completion_delta(w, self.X, self.bits)
+        if self._idx is not None:
+            dw = torch.zeros(self.n_total, dtype=dw.dtype).index_copy_(0, self._idx.cpu(), dw.cpu())
+        offset = 0
+        with torch.no_grad():
+            for _, p in select_weights(segment, self.spec.layers):
+                p.add_(dw[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype))
+                offset += p.numel()
+        return wrong
 
     def verdict(self, segment: Segment) -> WatermarkVerdict:
         return detect(self.extract(segment), self.bits, self.spec.fp_bound)
