@@ -144,6 +144,13 @@ def output_distribution(
     return out
 
 
+def transition_matrix(num_classes: int, epsilon: float) -> torch.Tensor:
+    """T[y, j] = P(noisy label = j | true label = y) under the uniform prior (K-ary randomized
+    response): public, since it depends only on epsilon and K. Learners use it to correct for the
+    noise (`job.pretrain_head`)."""
+    return torch.stack([output_distribution(y, num_classes, epsilon) for y in range(num_classes)])
+
+
 class LabelRandomizer:
     """The data owner's label-DP release: each training sample's label randomised once, keyed by its index.
 
@@ -162,6 +169,11 @@ class LabelRandomizer:
         self.num_classes, self.epsilon = int(num_classes), float(epsilon)
         self.prior = prior
         self._cache: dict[tuple[int, int], int] = {}
+
+    def transition(self) -> torch.Tensor | None:
+        """The noise's transition matrix (`transition_matrix`); None with a non-uniform prior, whose
+        noise depends on each sample's prior."""
+        return transition_matrix(self.num_classes, self.epsilon) if self.prior is None else None
 
     def fingerprint(self) -> str:
         """Public identifier of the key (to check on resume that the same key is in use)."""
