@@ -44,6 +44,14 @@ def lr_schedule(cfg: TrainingSection) -> RoundLr | None:
     return schedule(cfg.lr, cfg.epochs, cfg.lr_schedule) if cfg.lr_schedule != "constant" else None
 
 
+def arch_options(cfg: JobConfig) -> dict[str, object]:
+    """Settings of the zoo architecture that follow from the rest of the job: the DP read-out of
+    `small-cnn-dp` has no biases under label DP (why: `models.zoo.small_cnn_dp`)."""
+    if cfg.model.arch == "small-cnn-dp" and cfg.privacy.label_epsilon is not None:
+        return {"readout_bias": False}
+    return {}
+
+
 def model_and_plan(
     cfg: JobConfig,
     input_shape: Sequence[int],
@@ -55,7 +63,9 @@ def model_and_plan(
     Seeds the global torch generator, as the data owner's job always has."""
     if model is None:
         torch.manual_seed(derive_seed(cfg.job.seed, "init"))
-        model = build_model(cfg.model.arch, tuple(input_shape), output_dim(cfg, num_classes))
+        model = build_model(
+            cfg.model.arch, tuple(input_shape), output_dim(cfg, num_classes), **arch_options(cfg)
+        )
     else:
         model = copy.deepcopy(model)
     n_blocks = len(list(model.children()))
