@@ -189,8 +189,23 @@ def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSumm
     return summary
 
 
+def _result_line(s: RunSummary) -> str:
+    """The run's outcome on one line, printed last: the summary table above it is long, and the
+    accuracy and the verifier's verdict must not scroll out of a terminal or a log's tail."""
+    parts = [f"test accuracy {s.test_accuracy:.4f}"]
+    if s.epsilon is not None:
+        parts.append(f"epsilon {s.epsilon:.3f} ({s.guarantee})")
+    if s.label_epsilon is not None:
+        parts.append(f"label epsilon {s.label_epsilon:g}")
+    verified = s.extra.get("verified")
+    if verified is not None:
+        parts.append("chain VERIFIED" if verified else "chain REJECTED")
+    return "result: " + ", ".join(parts)
+
+
 def _finish(summary: RunSummary, title: str) -> None:
     _print_summary(summary, title)
+    console.print(_result_line(summary), highlight=False, soft_wrap=True)
     if summary.extra.get("verified") is False:
         console.print("[bold red]the verifier REJECTED this job[/]")
         raise typer.Exit(EXIT_REJECTED)

@@ -146,11 +146,11 @@ def pretrain_head(
     unsure (no prediction can be right more often than the keep rate), which a cosine classifier
     of fixed temperature achieves by moving the class directions together, and the centre term
     pulls every direction toward the others' samples. At label epsilon 2 (keep rate 0.45) the
-    class directions ended at a mean cosine of 0.97, and the release's class means read 0.46 on
-    20,000 images, against 0.83 with the correction (EXPERIMENTS.md, section 13). The cross-entropy
-    is forward-corrected (the noisy label's likelihood is `softmax @ T`; Patrini et al., CVPR
-    2017) and the centre term backward-corrected (`T^-1` weighs every class's distance, an unbiased
-    estimate of the clean term; Natarajan et al., NeurIPS 2013)."""
+    class directions ended at a mean cosine of 0.97, and a class-mean read-out of the release (true
+    labels, 20,000 images) scored 0.46, against 0.83 with the correction (EXPERIMENTS.md, section
+    13). The cross-entropy is forward-corrected (the noisy label's likelihood is `softmax @ T`;
+    Patrini et al., CVPR 2017) and the centre term backward-corrected (`T^-1` weighs every class's
+    distance, an unbiased estimate of the clean term; Natarajan et al., NeurIPS 2013)."""
     labels = data.train_y if labels is None else labels
     with torch.no_grad():
         dim = head(data.train_x[:1]).flatten(1).shape[1]

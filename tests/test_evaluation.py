@@ -145,6 +145,10 @@ def test_demo_quick_end_to_end(tmp_path):
         "label" in d for d in summary["defences"]
     )
     assert (runs[0] / "verifier" / "certificate.json").exists() and "VERIFIED" in result.output
+    # the outcome is the last line, below the long summary table
+    final = result.output.strip().splitlines()[-1]
+    assert final.startswith(f"result: test accuracy {summary['test_accuracy']:.4f}, epsilon ")
+    assert final.endswith("chain VERIFIED"), final
 
 
 def test_cli_reports_bad_config(tmp_path):

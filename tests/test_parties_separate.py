@@ -120,8 +120,6 @@ def test_launch_local_quick_of_a_defended_job_is_certified(defended):
 def _exchange(creds, addr: str, frame: bytes) -> bytes:
     """One frame to the verifier on a raw stream; the connection is retried as GrpcTransport does
     (a first TLS handshake on a busy machine can fail transiently)."""
-    import time
-
     import grpc
 
     for attempt in range(5):
@@ -278,8 +276,6 @@ def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
 def test_keys_job_command_and_a_served_party_stops_cleanly_on_sigterm(tmp_path):
     """`clicooper keys --job` writes the manifest and identity folders (never over existing keys);
     `clicooper serve trainer` prints its readiness line, and SIGTERM stops it with exit code 0."""
-    import os
-    import signal
     import subprocess
     import sys
 

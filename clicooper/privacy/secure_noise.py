@@ -11,7 +11,7 @@ into standard normals in float64. Nothing about the draw is stored.
 Why a keystream instead of reading every byte from `os.urandom`: the same security (a CSPRNG
 keyed from OS entropy, as in Opacus's `secure_mode`, which uses torchcsprng's AES-CTR), at about
 a tenth of the cost per byte; with the transform in torch instead of numpy the noise of one batch
-of the default job's activations (401,408 values) went from 40 ms to 13 ms on one core
+of the default job's activations (401,408 values) went from 40 ms to 12 ms on one core
 (BENCHMARKS.md, "Cost of each protection"). Like Opacus we do not claim protection against
 floating-point side channels of the Gaussian sampler (Mironov, CCS 2012); the noise is computed
 in float64 and then cast.

@@ -48,7 +48,6 @@ class StageProvenance:
         self.nonce: bytes = b""
         self.links: list[str] = []
         self.embedder: WatermarkEmbedder | None = None
-        self.completed_bits = 0  # bits the last seal had to complete (0: the regulariser set them)
         self.hashers = {"prev": TranscriptHasher(), "next": TranscriptHasher()}
 
     def open_round(self, rnd: int, nonce: bytes, links: list[str], segment: nn.Module) -> None:
@@ -87,13 +86,13 @@ class StageProvenance:
         """Sign the round's stage record and transcript attestations (both JSON) for the verifier."""
         if self.round != rnd or self.embedder is None:
             raise RuntimeError(f"trainer at position {self.position}: round {rnd} was never opened")
-        self.completed_bits = self.embedder.complete(segment)
-        if self.completed_bits:
+        completed = self.embedder.complete(segment)
+        if completed:
             log.info(
                 "position %d, round %d: the regulariser left %d of %d watermark bits wrong; completed them",
                 self.position,
                 rnd,
-                self.completed_bits,
+                completed,
                 self.spec.n_bits,
             )
         record = build_stage_record(
