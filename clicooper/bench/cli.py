@@ -1,4 +1,4 @@
-"""`clicooper bench NAME|all [--quick] [--repeats N] [--threads N] [--out DIR]`."""
+"""`clicooper bench NAME|all [--quick] [--repeats N] [--threads N] [--images N] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -21,17 +21,19 @@ RepeatsOpt = Annotated[int | None, typer.Option(min=1, help="Repeats per variant
 ThreadsOpt = Annotated[
     int | None, typer.Option(min=1, help="torch intra-op threads in this process (default: torch's).")
 ]
+ImagesOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Training images per epoch for protections / verification (default 12,800)."),
+]
 OutOpt = Annotated[Path | None, typer.Option(help="Folder for one JSON file per benchmark.")]
 
 
-def _run(
-    benches: list[Benchmark], quick: bool, repeats: int | None, threads: int | None, out: Path | None
-) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
+def _run(benches: list[Benchmark], o: Options, out: Path | None) -> None:
+    if o.threads is not None:
+        torch.set_num_threads(o.threads)
     console.print(machine_line(), highlight=False)
     for b in benches:
-        result = b.run(Options(quick, repeats, threads))
+        result = b.run(o)
         render(result, console)
         if out is not None:
             console.print(f"  -> {write_json(result, out)}", highlight=False)
@@ -39,9 +41,13 @@ def _run(
 
 def _command(b: Benchmark) -> None:
     def cmd(
-        quick: QuickOpt = False, repeats: RepeatsOpt = None, threads: ThreadsOpt = None, out: OutOpt = None
+        quick: QuickOpt = False,
+        repeats: RepeatsOpt = None,
+        threads: ThreadsOpt = None,
+        images: ImagesOpt = None,
+        out: OutOpt = None,
     ):
-        _run([b], quick, repeats, threads, out)
+        _run([b], Options(quick, repeats, threads, images), out)
 
     cmd.__doc__ = b.help[0].upper() + b.help[1:] + "."
     bench_app.command(b.name)(cmd)
@@ -53,7 +59,11 @@ for _b in BENCHMARKS.values():
 
 @bench_app.command("all")
 def bench_all(
-    quick: QuickOpt = False, repeats: RepeatsOpt = None, threads: ThreadsOpt = None, out: OutOpt = None
+    quick: QuickOpt = False,
+    repeats: RepeatsOpt = None,
+    threads: ThreadsOpt = None,
+    images: ImagesOpt = None,
+    out: OutOpt = None,
 ):
     """Every benchmark in turn (about ten minutes on an idle 2-core machine)."""
-    _run(list(BENCHMARKS.values()), quick, repeats, threads, out)
+    _run(list(BENCHMARKS.values()), Options(quick, repeats, threads, images), out)

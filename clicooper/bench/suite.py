@@ -28,6 +28,11 @@ class Options:
     quick: bool = False
     repeats: int | None = None  # None: each benchmark's default
     threads: int | None = None  # torch threads set for the run (None: torch's default)
+    images: int | None = None  # training images per epoch (None: each benchmark's default subset)
+
+    def subset(self, default: int) -> dict:
+        """The `[data]` override for a benchmark whose full run uses `default` images."""
+        return {"train_subset": self.images or default}
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def _relay(o: Options) -> BenchResult:
 
 
 def _protections(o: Options) -> BenchResult:
-    cfg = bench_config(o.quick) if o.quick else bench_config(False, data={"train_subset": 12800})
+    cfg = bench_config(o.quick) if o.quick else bench_config(False, data=o.subset(12800))
     return bench_protections(cfg, prepare_data(cfg), o.repeats or (1 if o.quick else 3))
 
 
@@ -54,7 +59,7 @@ def _codec(o: Options) -> BenchResult:
 
 
 def _verification(o: Options) -> BenchResult:
-    cfg = bench_config(o.quick) if o.quick else bench_config(False, data={"train_subset": 12800})
+    cfg = bench_config(o.quick) if o.quick else bench_config(False, data=o.subset(12800))
     return bench_verification(cfg, prepare_data(cfg), o.repeats or 1)
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +38,11 @@ from clicooper.attacks import (  # noqa: E402
     whitebox_inversion,
 )
 from clicooper.attacks.inversion import _seeded  # noqa: E402
-from clicooper.config import NO_DEFENCES, JobConfig  # noqa: E402
+from clicooper.config import NO_DEFENCES, TABULAR_DATASETS, JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
 from clicooper.job import ChainJob, build_model_and_plan  # noqa: E402
-from clicooper.models import split_model  # noqa: E402
+from clicooper.models import build_model, split_model  # noqa: E402
 from clicooper.privacy.label_accounting import binomial_margin, composed, success_bound  # noqa: E402
 from clicooper.seeding import epoch_batches, generator  # noqa: E402
 from clicooper.transport import Backward, Forward, Targets  # noqa: E402
@@ -287,7 +288,7 @@ def extraction_rows(
     seed: int,
 ) -> list[dict]:
     """Surrogates built by trainer 1 alone and by the coalition of all trainers, from n aux labels,
-    against a model trained from scratch on the same labels (the fair bar)."""
+    against models trained from scratch on the same labels (the fair bar: the best of them)."""
     segs = [t.segment for t in job.trainers]
     n_seg = len(segs)
 
@@ -335,17 +336,48 @@ def extraction_rows(
                 }
             )
         if n > 0:
-            acc = scratch_baseline(whole, ax, ay, *test, epochs=epochs, seed=seed)
-            rows.append(
-                {
-                    "attacker": "from scratch (fair bar)",
-                    "aux_labels": n,
-                    "surrogate_accuracy": acc,
-                    "mode": "trained",
-                    "chance": chance,
-                }
-            )
+            rows += _scratch_rows(cfg, data, whole, ax, ay, test, epochs, seed, chance)
     return rows
+
+
+def _scratch_rows(
+    cfg: JobConfig,
+    data: DatasetSplits,
+    whole: Callable[[], nn.Module],
+    ax: torch.Tensor,
+    ay: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    seed: int,
+    chance: float,
+) -> list[dict]:
+    """Models trained from scratch on the aux labels alone: the row's architecture, the default job's
+    architecture for the data, and the fair bar = the better of them.
+
+    An attacker who holds labels is not bound to the defended job's architecture: `small-cnn-dp`
+    (a 16-number unit-norm embedding) trains badly from 100 labels, and comparing a stolen segment
+    only with it would make extraction look like a gain when a standard CNN does better.
+    """
+    standard = "mlp" if cfg.data.dataset in TABULAR_DATASETS else JobConfig().model.arch
+
+    def standard_model() -> nn.Module:
+        return build_model(standard, data.input_shape, data.num_classes)
+
+    bars = {f"from scratch ({cfg.model.arch}, the row's architecture)": whole}
+    if standard != cfg.model.arch:
+        bars[f"from scratch ({standard})"] = standard_model
+    rows = [
+        {
+            "attacker": name,
+            "aux_labels": len(ay),
+            "surrogate_accuracy": scratch_baseline(make, ax, ay, *test, epochs=epochs, seed=seed),
+            "mode": "trained",
+            "chance": chance,
+        }
+        for name, make in bars.items()
+    ]
+    best = max(rows, key=lambda r: r["surrogate_accuracy"])
+    return rows + [{**best, "attacker": "from scratch (fair bar: the best above)"}]
 
 
 def _output_width(job: ChainJob, data: DatasetSplits) -> int:
