@@ -45,11 +45,14 @@ def lr_schedule(cfg: TrainingSection) -> RoundLr | None:
 
 
 def arch_options(cfg: JobConfig) -> dict[str, object]:
-    """Settings of the zoo architecture that follow from the rest of the job: the DP read-out of
-    `small-cnn-dp` has no biases under label DP (why: `models.zoo.small_cnn_dp`)."""
+    """Settings of the zoo architecture that follow from the job: the release width (`model.embed`)
+    and, under label DP, no biases in `small-cnn-dp`'s read-out (why: `models.zoo.small_cnn_dp`)."""
+    options: dict[str, object] = {}
+    if cfg.model.embed is not None:
+        options["embed"] = cfg.model.embed
     if cfg.model.arch == "small-cnn-dp" and cfg.privacy.label_epsilon is not None:
-        return {"readout_bias": False}
-    return {}
+        options["readout_bias"] = False
+    return options
 
 
 def model_and_plan(

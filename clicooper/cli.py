@@ -874,6 +874,7 @@ def eval_e2e(
     grad_clip: Annotated[float | None, typer.Option(help="Per-sample gradient clip norm.")] = None,
     lr: Annotated[float | None, typer.Option(help="DP-SGD learning rate (SGD, momentum 0.9).")] = None,
     arch: Annotated[str | None, typer.Option(help="Zoo model whose block 0 is the head.")] = None,
+    embed: Annotated[int | None, typer.Option(min=2, help="Release width of the head (default 10).")] = None,
 ) -> None:
     """End-to-end DP utility: DP-SGD head, one-shot noisy release, linear read-out; clean test accuracy."""
     from dataclasses import replace
@@ -887,7 +888,7 @@ def eval_e2e(
         data = data.subset(2000, 500, seed=cfg.job.seed)
         settings = replace(settings, epochs=1, batch_size=256)
     given = {"head_fraction": head_fraction, "epochs": epochs, "batch_size": batch_size}
-    given |= {"grad_clip": grad_clip, "lr": lr, "arch": arch}
+    given |= {"grad_clip": grad_clip, "lr": lr, "arch": arch, "embed": embed}
     settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
     results = [
         run_e2e(data, epsilon=e, delta=delta, settings=settings, seed=cfg.job.seed, log=console.print)
@@ -911,6 +912,9 @@ def eval_label_dp(
         int | None, typer.Option("--train-subset", help="Train on a seeded subset (test set whole).")
     ] = None,
     u_shaped: Annotated[bool, typer.Option(help="Also measure U-shaped mode.")] = True,
+    label_prior: Annotated[
+        str | None, typer.Option(help="'uniform' or 'learned' (two stages); default: the job's.")
+    ] = None,
 ) -> None:
     """Label DP: accuracy and clustering success on gradients and pseudo-labels (1 and 5 known labels per
     class) for label epsilon in {1, 2, 4, 8, none}, with the bound the epsilons imply; CSV and report."""
@@ -921,6 +925,11 @@ def eval_label_dp(
     except ConfigError as e:
         _fail(str(e))
     cfg = _eval_config(quick, dataset, path, base=base)
+    if label_prior is not None:
+        try:
+            cfg = cfg.replace(privacy={"label_prior": label_prior})
+        except ConfigError as e:
+            _fail(str(e))
     data = _eval_data(cfg)
     if train_subset is not None:
         data = data.subset(train_subset, None, seed=cfg.job.seed)

@@ -43,6 +43,7 @@ SYSTEM_DIRS = (
     "/var/lib",
 )
 TABULAR_DATASETS = frozenset({"breast-cancer", "csv"})
+EMBEDDING_ARCHS = frozenset({"small-cnn-dp", "small-cnn-e2e"})  # heads ending in `embed` numbers
 Bool = StrictBool
 
 
@@ -117,6 +118,9 @@ class ModelSection(_Section):
     head_blocks: StrictInt = Field(1, ge=1, le=1024)
     head_pretrain_epochs: StrictInt = Field(0, ge=0, le=10_000)
     freeze_head: Bool = False
+    # Width of the released embedding of the DP models (small-cnn-dp, small-cnn-e2e); None: 16.
+    # Fewer numbers carry less release noise (the same noise per number, fewer numbers).
+    embed: StrictInt | None = Field(None, ge=2, le=4096)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSection:
@@ -180,6 +184,9 @@ class PrivacySection(_Section):
     # label DP: randomized response with a prior (Ghazi et al. 2021) on every label before it leaves
     # the data owner (and, in U-shaped mode, on the labels of its own loss); None = off
     label_epsilon: float | None = Field(None, gt=0)
+    # the prior of label DP: "uniform" (K-ary randomized response) or "learned" (two stages: the
+    # head's probe, trained on the first half's noisy labels, is the second half's prior)
+    label_prior: Literal["uniform", "learned"] = "uniform"
 
     @model_validator(mode="after")
     def _dp_params(self) -> PrivacySection:
@@ -269,6 +276,11 @@ class JobConfig(_Section):
             )
         if u and self.training.micro_batches > 1:
             raise ValueError("training.micro_batches > 1 is not supported with privacy.u_shaped = true")
+        if m.embed is not None and m.arch not in EMBEDDING_ARCHS:
+            raise ValueError(
+                f"model.embed sets the release width of {', '.join(sorted(EMBEDDING_ARCHS))}; "
+                f"{m.arch!r} has none"
+            )
         dataset = self.data.dataset.strip().lower().replace("_", "-")
         if dataset in TABULAR_DATASETS and m.arch != "mlp":
             raise ValueError(f"model.arch = {m.arch!r} is an image model; {dataset} is tabular (use mlp)")

@@ -14,7 +14,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -48,7 +48,17 @@ from clicooper.models.split import block_costs
 from clicooper.parties import DataOwner, Trainer
 from clicooper.privacy.defence import DataOwnerDefences
 from clicooper.privacy.dp_sgd import DpSgdPlan, dp_sgd_train
-from clicooper.privacy.label_dp import new_label_key
+from clicooper.privacy.label_dp import new_label_key, transition_matrix
+from clicooper.privacy.label_prior import (
+    PRIOR_FILE,
+    calibration_split,
+    cosine_logits,
+    fit_temperature,
+    load_priors,
+    prior_stages,
+    probe_priors,
+    save_priors,
+)
 from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
 from clicooper.provenance import WatermarkSpec
 from clicooper.schedule import schedule, set_lr
@@ -129,7 +139,7 @@ def pretrain_head(
     cfg: JobConfig,
     labels: torch.Tensor | None = None,
     transition: torch.Tensor | None = None,
-) -> None:
+) -> torch.Tensor:
     """The data owner's local "prep work": train the head on its own data (nothing leaves it), so
     that the activations it later releases are already discriminative.
 
@@ -150,7 +160,8 @@ def pretrain_head(
     labels, 20,000 images) scored 0.46, against 0.83 with the correction (EXPERIMENTS.md, section
     13). The cross-entropy is forward-corrected (the noisy label's likelihood is `softmax @ T`;
     Patrini et al., CVPR 2017) and the centre term backward-corrected (`T^-1` weighs every class's
-    distance, an unbiased estimate of the clean term; Natarajan et al., NeurIPS 2013)."""
+    distance, an unbiased estimate of the clean term; Natarajan et al., NeurIPS 2013). Returns the
+    probe's class directions (a learned label prior reads them, `privacy.label_prior`)."""
     labels = data.train_y if labels is None else labels
     with torch.no_grad():
         dim = head(data.train_x[:1]).flatten(1).shape[1]
@@ -180,6 +191,7 @@ def pretrain_head(
             loss.backward()
             opt.step()
             sched.step()
+    return directions.detach()
 
 
 class NormalizedProbe(nn.Module):
@@ -282,14 +294,38 @@ def data_digest(data: DatasetSplits) -> str:
     return h.hexdigest()
 
 
-def _pretrain_labels(defence: object, data: DatasetSplits) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """With label DP, the head's local pre-training uses the noisy labels (the same release the trainers
-    get), so that the released activations carry no more of the true labels than the label epsilon,
-    and the noise's public transition matrix to correct for it. (None, None) without label DP."""
-    privatize = getattr(defence, "privatize_labels", None)
-    if privatize is None or getattr(defence, "label_dp", None) is None:
-        return None, None
-    return privatize(data.train_y, torch.arange(len(data.train_y))), defence.label_dp.transition()
+def _pretrain(
+    head: nn.Module, data: DatasetSplits, cfg: JobConfig, defence: object, run_dir: Path | None
+) -> None:
+    """The head's local pre-training. With label DP it uses the noisy labels (the same release the
+    trainers get), so that the released activations carry no more of the true labels than the label
+    epsilon, with the noise's public transition matrix to correct for it. With a learned label prior
+    it trains on the first stage's labels only and sets the second stage's priors from its probe
+    (`privacy.label_prior`)."""
+    label_dp = getattr(defence, "label_dp", None)
+    if label_dp is None:
+        pretrain_head(head, data, cfg)
+        return
+    privatize = defence.privatize_labels
+    if cfg.privacy.label_prior == "uniform":
+        labels = privatize(data.train_y, torch.arange(len(data.train_y)))
+        pretrain_head(head, data, cfg, labels=labels, transition=label_dp.transition())
+        return
+    first, second = prior_stages(cfg.job.seed, len(data.train_y))
+    train, calibrate = calibration_split(first)
+    stage1 = replace(data, train_x=data.train_x[train], train_y=data.train_y[train])
+    uniform = transition_matrix(data.num_classes, label_dp.epsilon)
+    directions = pretrain_head(head, stage1, cfg, labels=privatize(stage1.train_y, train), transition=uniform)
+    path = run_dir / DATA_OWNER / PRIOR_FILE if run_dir else None
+    if path is not None and path.exists():
+        priors = load_priors(path, second, data.num_classes)
+    else:
+        held = cosine_logits(head, directions, data.train_x[calibrate])
+        t = fit_temperature(held, privatize(data.train_y[calibrate], calibrate), uniform)
+        priors = probe_priors(cosine_logits(head, directions, data.train_x[second]), t)
+        if path is not None:
+            save_priors(path, second, priors)
+    label_dp.set_priors(second, priors)
 
 
 FROM_CONFIG = object()  # sentinel: build the data owner's defences from the job's [privacy] section
@@ -370,8 +406,7 @@ class ChainJob:
             defence.record_head_steps(steps)
             self.head_probe_accuracy = probe_acc
         if cfg.model.head_pretrain_epochs:
-            labels, transition = _pretrain_labels(defence, data)
-            pretrain_head(head, data, cfg, labels=labels, transition=transition)
+            _pretrain(head, data, cfg, defence, run_dir)
         self.defence = defence
         one_shot = defence is not None and getattr(defence, "one_shot", False)
         if one_shot or cfg.model.freeze_head:

@@ -274,3 +274,21 @@ def test_example_config_is_end_to_end():
 
     cfg = load_config(Path(__file__).parent.parent / "examples" / "end_to_end.toml")
     assert cfg.privacy.guarantee == "end-to-end" and cfg.model.head_pretrain_epochs == 0
+    assert cfg.model.embed == 10
+
+
+def test_model_embed_sets_the_release_width(digits):
+    """`model.embed` reaches the zoo factory (in-process and in every party that builds from the
+    manifest's config) and is refused for models without an embedding."""
+    from clicooper.config import parse_config
+    from clicooper.job import build_model_and_plan
+
+    cfg = tiny_config(model={"arch": "small-cnn-dp", "embed": 10, "n_trainers": 2})
+    model, _ = build_model_and_plan(cfg, digits)
+    with torch.no_grad():
+        assert model[0](digits.train_x[:3]).shape == (3, 10)
+    default, _ = build_model_and_plan(cfg.replace(model={"embed": None}), digits)
+    with torch.no_grad():
+        assert default[0](digits.train_x[:3]).shape == (3, 16)
+    with pytest.raises(ConfigError, match="model.embed"):
+        parse_config({"model": {"arch": "small-cnn", "embed": 10}})

@@ -81,6 +81,9 @@ def test_label_dp_eval_bounds_the_label_attacks(digits, tmp_path):
     assert float(dp["pseudo_labels_success_known5"]) <= bound + 0.1  # + sampling error on 600 samples
     assert float(by[("U-shaped", "")]["gradients_success_known5"]) > 0.5  # the U-shaped leak is real
     assert dp["gradients_bound"] == "none"  # no activation DP: no bound for gradients
+    # the measured share of unchanged labels is uniform randomized response's keep rate (0.23 at 1)
+    assert abs(float(dp["labels_kept"]) - float(dp["label_keep_rate"])) < 0.05
+    assert dp["label_prior"] == "uniform" and no_dp["labels_kept"] == ""
     assert (tmp_path / "report.md").exists()
 
 
@@ -103,6 +106,8 @@ def test_utility_frontier_learns_under_dp_and_reports_compute_share(digits, tmp_
     )
     e2e = end_to_end_variant(cfg, 2.0)
     assert e2e.privacy.guarantee == "end-to-end" and e2e.model.head_pretrain_epochs == 0
+    assert e2e.model.embed == 10  # the end-to-end release width (a user's own width is kept)
+    assert end_to_end_variant(cfg.replace(model={"embed": 12}), 2.0).model.embed == 12
     with (tmp_path / "utility.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["guarantee"] for r in rows] == ["activation", "none"]

@@ -183,3 +183,73 @@ def test_noise_corrected_pretraining_keeps_the_classes_apart():
         means = F.normalize(torch.stack([a[data.train_y == c].mean(0) for c in range(10)]), dim=1)
         spread[name] = float((means @ means.T).fill_diagonal_(0).sum() / 90)  # mean cosine between classes
     assert spread["corrected"] < spread["uncorrected"] - 0.2, spread
+
+
+def test_set_priors_is_used_and_refused_after_a_release():
+    r = LabelRandomizer(b"k" * 32, 10, 2.0)
+    y = torch.arange(4000) % 10
+    confident = torch.full((2000, 10), 0.01, dtype=torch.float64)
+    confident[torch.arange(2000), y[2000:]] = 0.91  # a prior that ranks the true class first
+    r.set_priors(torch.arange(2000, 4000), confident)
+    noisy = r.privatize(y, torch.arange(4000))
+    kept_uniform = float((noisy[:2000] == y[:2000]).float().mean())
+    kept_prior = float((noisy[2000:] == y[2000:]).float().mean())
+    assert abs(kept_uniform - keep_probability(2.0, 10)) < 0.04  # 0.45
+    assert abs(kept_prior - keep_probability(2.0, 1)) < 0.04  # k = 1: the top class, always kept
+    assert r.transition() is None  # the noise now depends on each sample's prior
+    with pytest.raises(ValueError, match="already released"):
+        r.set_priors(torch.arange(10), torch.full((10, 10), 0.1, dtype=torch.float64))
+
+
+def _learned_prior_job(cfg, data, run_dir):
+    from clicooper.privacy.label_prior import prior_stages
+
+    job = ChainJob(cfg, data, run_dir)
+    first, second = prior_stages(cfg.job.seed, len(data.train_y))
+    noisy = job.defence.privatize_labels(data.train_y, torch.arange(len(data.train_y)))
+    return job, first, second, noisy
+
+
+def test_learned_prior_raises_the_keep_rate_and_never_reads_the_second_stages_labels(
+    digits, tmp_path, monkeypatch
+):
+    """Two stages (privacy.label_prior = "learned"): the head's probe, trained on the first half's
+    noisy labels, is the second half's prior. Changing the second half's true labels leaves their
+    priors unchanged (each label is still released once, epsilon-DP), and the prior keeps more
+    labels than uniform randomized response. The priors are saved (0600) and a resume reads them."""
+    import dataclasses
+    import shutil
+
+    import clicooper.job as job_module
+    from clicooper.privacy.label_prior import PRIOR_FILE, load_priors
+
+    cfg = tiny_config(
+        model={"arch": "small-cnn-dp", "head_pretrain_epochs": 10, "n_trainers": 2},
+        privacy={"label_epsilon": 2.0, "label_prior": "learned"},
+    )
+    job, first, second, noisy = _learned_prior_job(cfg, digits, tmp_path / "a")
+    y = digits.train_y
+    kept1 = float((noisy[first] == y[first]).float().mean())
+    kept2 = float((noisy[second] == y[second]).float().mean())
+    assert abs(kept1 - keep_probability(2.0, 10)) < 0.06, kept1  # uniform: 0.45
+    assert kept2 > kept1 + 0.15, (kept1, kept2)
+    path = tmp_path / "a" / "data_owner" / PRIOR_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    priors = load_priors(path, second, 10)
+
+    # other true labels in the second stage: the same priors (computed afresh in another run folder)
+    shuffled = y.clone()
+    shuffled[second] = y[second][torch.randperm(len(second), generator=torch.Generator().manual_seed(1))]
+    other = dataclasses.replace(digits, train_y=shuffled)
+    (tmp_path / "b" / "data_owner").mkdir(parents=True)  # the same label-DP key: the same first stage
+    shutil.copy(tmp_path / "a" / "data_owner" / "label_dp_key.json", tmp_path / "b" / "data_owner")
+    _learned_prior_job(cfg, other, tmp_path / "b")
+    assert torch.allclose(load_priors(tmp_path / "b" / "data_owner" / PRIOR_FILE, second, 10), priors)
+
+    # a resumed data owner reads the saved priors (and the saved key): the same labels are re-released
+    def refuse(*_a, **_k):
+        raise AssertionError("a resume must read the saved priors, not derive new ones")
+
+    monkeypatch.setattr(job_module, "probe_priors", refuse)
+    _, _, _, again = _learned_prior_job(cfg, digits, tmp_path / "a")
+    assert torch.equal(again, noisy)

@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from clicooper.config import JobConfig
 from clicooper.data import DatasetSplits
 from clicooper.evaluation.privacy import (
@@ -60,8 +62,11 @@ def label_dp_row(
         "label_epsilon": eps.label,
         "activation_epsilon": eps.activation,
         "test_accuracy": job.data_owner.evaluate("test", tag="label-dp-eval"),
+        "label_prior": cfg.privacy.label_prior if eps.label is not None else None,
         # what the release alone keeps: P(noisy label = true label) under uniform-prior RR
         "label_keep_rate": accuracy_bound(eps.label, K),
+        # and what this run's release kept (measured; true labels used only to score)
+        "labels_kept": _kept(job, data),
     }
     for observed, key in (("gradients", "gradients"), ("pseudo", "pseudo_labels")):
         for known in KNOWN_PER_CLASS:
@@ -74,6 +79,15 @@ def label_dp_row(
     out["label_only_bound"] = success_bound(eps.label, K)
     out["time_s"] = time.perf_counter() - t0
     return out, rows
+
+
+def _kept(job, data: DatasetSplits) -> float | None:
+    """Share of training labels the label-DP release left unchanged (None without label DP)."""
+    defence = job.defence
+    if defence is None or getattr(defence, "label_dp", None) is None:
+        return None
+    noisy = defence.privatize_labels(data.train_y, torch.arange(len(data.train_y)))
+    return float((noisy == data.train_y).float().mean())
 
 
 def run_label_dp_eval(
@@ -132,6 +146,8 @@ def _write_report(cfg, data, out, table, details, quick) -> Path:
         [
             "setting",
             "label_epsilon",
+            "label_prior",
+            "labels_kept",
             "activation_epsilon",
             "test_accuracy",
             "accuracy_cost",

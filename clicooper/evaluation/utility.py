@@ -21,8 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from clicooper.config import NO_DEFENCES, JobConfig  # noqa: E402
+from clicooper.config import EMBEDDING_ARCHS, NO_DEFENCES, JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
+from clicooper.evaluation.e2e import E2E_EMBED  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
 from clicooper.job import ChainJob, build_model_and_plan, pretrain_head, train_centralized  # noqa: E402
 from clicooper.models import split_model  # noqa: E402
@@ -43,9 +44,10 @@ def privacy_variant(cfg: JobConfig, epsilon: float) -> JobConfig:
 def end_to_end_variant(cfg: JobConfig, epsilon: float) -> JobConfig:
     """The job with end-to-end DP at a total `epsilon`: the head is trained with DP-SGD instead of
     pre-trained on the private data (see docs/privacy.md, "Two guarantees")."""
-    return privacy_variant(cfg, epsilon).replace(
-        model={"head_pretrain_epochs": 0}, privacy={"guarantee": "end-to-end"}
-    )
+    model: dict = {"head_pretrain_epochs": 0}
+    if cfg.model.arch in EMBEDDING_ARCHS and cfg.model.embed is None:
+        model["embed"] = E2E_EMBED  # the end-to-end release width (e2e.E2E_EMBED)
+    return privacy_variant(cfg, epsilon).replace(model=model, privacy={"guarantee": "end-to-end"})
 
 
 def undefended(cfg: JobConfig) -> JobConfig:

@@ -169,11 +169,39 @@ class LabelRandomizer:
         self.num_classes, self.epsilon = int(num_classes), float(epsilon)
         self.prior = prior
         self._cache: dict[tuple[int, int], int] = {}
+        self._sample_priors: dict[int, torch.Tensor] = {}  # per dataset index (`set_priors`)
+
+    def set_priors(self, ids: torch.Tensor, priors: torch.Tensor) -> None:
+        """Per-sample priors (N, K) for the samples `ids`, before any of their labels is released.
+
+        RRWithPrior stays epsilon-DP for each label only if that label's prior does not depend on
+        it: a learned prior must come from other samples' released labels (`label_prior.py`).
+        """
+        ids = torch.as_tensor(ids).long().reshape(-1)
+        p = _priors(priors, len(ids), self.num_classes)
+        released = {i for i, _ in self._cache} & set(ids.tolist())
+        if released:
+            raise ValueError(
+                f"{len(released)} of these samples' labels were already released without the prior"
+            )
+        self._sample_priors.update(zip(ids.tolist(), p, strict=True))
+
+    def _prior_for(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Priors of `ids`: per sample where `set_priors` gave one, else the shared prior (None: uniform)."""
+        shared = None if self.prior is None else torch.as_tensor(self.prior, dtype=torch.float64)
+        if shared is not None and shared.dim() == 2:
+            shared = shared[ids]
+        if not self._sample_priors:
+            return shared
+        base = _priors(shared, len(ids), self.num_classes)
+        return torch.stack([self._sample_priors.get(i, base[j]) for j, i in enumerate(ids.tolist())])
 
     def transition(self) -> torch.Tensor | None:
         """The noise's transition matrix (`transition_matrix`); None with a non-uniform prior, whose
         noise depends on each sample's prior."""
-        return transition_matrix(self.num_classes, self.epsilon) if self.prior is None else None
+        if self.prior is None and not self._sample_priors:
+            return transition_matrix(self.num_classes, self.epsilon)
+        return None
 
     def fingerprint(self) -> str:
         """Public identifier of the key (to check on resume that the same key is in use)."""
@@ -188,9 +216,7 @@ class LabelRandomizer:
         todo = [j for j, p in enumerate(pairs) if p not in self._cache]
         if todo:
             sel = torch.tensor(todo, dtype=torch.long)
-            prior = None if self.prior is None else torch.as_tensor(self.prior)
-            if prior is not None and prior.dim() == 2:
-                prior = prior[ids[sel]]
+            prior = self._prior_for(ids[sel])
             noisy = rr_with_prior(
                 labels[sel], self.num_classes, self.epsilon, keyed_uniforms(self._key, ids[sel]), prior
             )
