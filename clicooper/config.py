@@ -208,6 +208,13 @@ class PrivacySection(_Section):
                 )
         elif self.head_dp_noise_multiplier is not None:
             raise ValueError('head_dp_noise_multiplier is only used with guarantee = "end-to-end"')
+        if self.label_prior == "learned" and self.dp:
+            raise ValueError(
+                'label_prior = "learned" needs dp = false: the learned prior is computed '
+                "from each sample's clean input, so its noisy label also tells the trainers what the "
+                "data owner's probe predicts for that input, which no activation epsilon covers (label DP "
+                "alone treats inputs as known to the trainers; see docs/privacy.md)"
+            )
         return self
 
 

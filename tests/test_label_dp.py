@@ -253,3 +253,14 @@ def test_learned_prior_raises_the_keep_rate_and_never_reads_the_second_stages_la
     monkeypatch.setattr(job_module, "probe_priors", refuse)
     _, _, _, again = _learned_prior_job(cfg, digits, tmp_path / "a")
     assert torch.equal(again, noisy)
+
+
+def test_learned_prior_is_refused_with_activation_dp():
+    """A prior computed from clean inputs leaks them through the noisy labels, which no activation
+    epsilon covers: the config refuses the combination and says why."""
+    from clicooper.config import ConfigError, parse_config
+
+    learned = {"label_epsilon": 2.0, "label_prior": "learned"}
+    with pytest.raises(ConfigError, match="learned prior is computed"):
+        parse_config({"privacy": {"dp": True, "epsilon": 2.0, **learned}})
+    assert parse_config({"privacy": learned}).privacy.label_prior == "learned"
