@@ -232,24 +232,32 @@ def extract_bits(weights_flat: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         return (X.to(weights_flat.device) @ weights_flat.detach().float() > 0).float().cpu()
 
 
-def completion_delta(w: torch.Tensor, X: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """The smallest change of `w` (in L2 norm) after which every projection agrees with its bit.
+def completion_delta(w: torch.Tensor, X: torch.Tensor, bits: torch.Tensor, tolerate: int = 0) -> torch.Tensor:
+    """The smallest change of `w` (in L2 norm) after which at most `tolerate` projections disagree
+    with their bits.
 
-    A wrong bit's projection is moved to the bit's side, as far from zero as the median of the
+    The wrong bits closest to their side are set (the cheapest), the `tolerate` farthest are left
+    free. A set bit's projection is moved to the bit's side, as far from zero as the median of the
     projections that were already right (so a completed bit is as robust as an embedded one);
     right bits keep their projections exactly. With these equality constraints on `X dw` the
-    least-norm solution is `X^T (X X^T)^+ delta`, computed in float64. Zero when all bits are set.
+    least-norm solution is `X_c^T (X_c X_c^T)^+ delta_c` over the constrained rows, in float64.
+    Zero when no more than `tolerate` bits are wrong.
     """
     X64, w64 = X.double(), w.detach().double()
     logits = X64 @ w64
     sign = bits.to(logits).reshape(-1) * 2 - 1
     right = sign * logits > 0
-    if bool(right.all()):
+    wrong = torch.nonzero(~right).flatten()
+    if len(wrong) <= tolerate:
         return torch.zeros_like(w)
     pool = (sign * logits)[right] if bool(right.any()) else logits.abs()
     margin = float(pool.median()) if pool.numel() else 1.0
-    delta = torch.where(right, torch.zeros_like(logits), sign * margin - logits)
-    dw = X64.T @ (torch.linalg.pinv(X64 @ X64.T, hermitian=True) @ delta)
+    cheapest = wrong[torch.argsort(logits[wrong].abs())][: len(wrong) - max(tolerate, 0)]
+    fixed = right.clone()
+    fixed[cheapest] = True  # constrained rows: right bits (kept) and the bits to set
+    delta = torch.where(right, torch.zeros_like(logits), sign * margin - logits)[fixed]
+    Xc = X64[fixed]
+    dw = Xc.T @ (torch.linalg.pinv(Xc @ Xc.T, hermitian=True) @ delta)
     return dw.to(w.dtype)
 
 
@@ -427,13 +435,20 @@ class WatermarkEmbedder:
 
     def complete(self, segment: nn.Module) -> int:
         """If more than half the detection threshold of bits are wrong, apply `completion_delta`
-        to the segment's weights in place; return how many bits it set (0: the regulariser did).
-        Below that, the regulariser's own mark is left as trained (it is detected with margin)."""
+        to the segment's weights in place, setting the cheapest wrong bits until half the threshold
+        are left; return how many bits it set (0: the regulariser did). At or below that level the
+        mark is detected with margin, so nothing is changed.
+
+        Why not every bit: each round's mark is fresh, so once the learning rate has decayed about
+        half the bits start wrong, and setting them all moves a small segment's weights by a
+        quarter of their norm every round, a random perturbation the model's accuracy pays for
+        (EXPERIMENTS.md, section 16). The cheapest ones cost far less."""
         w = self._w(segment)
         wrong = int((extract_bits(w, self.X) != self.bits).sum())
-        if wrong <= self.spec.threshold // 2:
+        keep = self.spec.threshold // 2
+        if wrong <= keep:
             return 0
-        dw = completion_delta(w, self.X, self.bits)
+        dw = completion_delta(w, self.X, self.bits, tolerate=keep)
         if self._idx is not None:
             dw = torch.zeros(self.n_total, dtype=dw.dtype).index_copy_(0, self._idx.cpu(), dw.cpu())
         offset = 0
@@ -441,7 +456,7 @@ class WatermarkEmbedder:
             for _, p in select_weights(segment, self.spec.layers):
                 p.add_(dw[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype))
                 offset += p.numel()
-        return wrong
+        return wrong - keep
 
     def verdict(self, segment: Segment) -> WatermarkVerdict:
         return detect(self.extract(segment), self.bits, self.spec.fp_bound)
