@@ -195,3 +195,11 @@ def test_extraction_fair_bar_is_the_best_architecture_from_scratch(digits):
     assert by["from scratch (fair bar: the best above)"] == max(trained)
     assert max(trained) > 0.3  # trained from 200 labels, well above chance (0.1)
     assert all(r["aux_labels"] == 200 for r in rows)
+
+
+def test_eval_label_dp_refuses_a_learned_prior_with_activation_dp(tmp_path):
+    """The demo job has activation DP on: the CLI names why a learned prior is refused there."""
+    r = CliRunner().invoke(
+        app, ["eval", "label-dp", "--quick", "--label-prior", "learned", "--out", str(tmp_path)]
+    )
+    assert r.exit_code != 0 and "learned prior is computed" in r.output, r.output
