@@ -38,7 +38,7 @@ from clicooper.attacks import (  # noqa: E402
     whitebox_inversion,
 )
 from clicooper.attacks.inversion import _seeded  # noqa: E402
-from clicooper.config import NO_DEFENCES, TABULAR_DATASETS, JobConfig  # noqa: E402
+from clicooper.config import NO_DEFENCES, JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
 from clicooper.job import ChainJob, build_model_and_plan  # noqa: E402
@@ -358,7 +358,7 @@ def _scratch_rows(
     (a 16-number unit-norm embedding) trains badly from 100 labels, and comparing a stolen segment
     only with it would make extraction look like a gain when a standard CNN does better.
     """
-    standard = "mlp" if cfg.data.dataset in TABULAR_DATASETS else JobConfig().model.arch
+    standard = "mlp" if len(data.input_shape) == 1 else JobConfig().model.arch  # tabular rows: the MLP
 
     def standard_model() -> nn.Module:
         return build_model(standard, data.input_shape, data.num_classes)

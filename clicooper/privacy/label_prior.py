@@ -17,14 +17,14 @@ run must re-release exactly the same labels, and re-derived priors could differ 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from clicooper.checkpoint import atomic_write_bytes
 from clicooper.seeding import generator
 
 FIRST_STAGE_FRACTION = 0.5  # share of the training set released with the uniform prior
@@ -82,16 +82,12 @@ def fit_temperature(cosines: torch.Tensor, noisy: torch.Tensor, transition: torc
 
 def probe_priors(cosines: torch.Tensor, temperature: float) -> torch.Tensor:
     """(N, K) float64 class probabilities softmax(temperature * cosine): the second stage's priors."""
-    p = torch.softmax(temperature * cosines.double(), dim=1)
-    return p / p.sum(1, keepdim=True)
+    return torch.softmax(temperature * cosines.double(), dim=1)
 
 
 def save_priors(path: Path, ids: torch.Tensor, priors: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"ids": ids.long().contiguous(), "priors": priors.double().contiguous()}, str(tmp))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    tensors = {"ids": ids.long().contiguous(), "priors": priors.double().contiguous()}
+    atomic_write_bytes(path, save(tensors), mode=0o600)
 
 
 def load_priors(path: Path, ids: torch.Tensor, num_classes: int) -> torch.Tensor:
