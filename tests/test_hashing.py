@@ -28,3 +28,61 @@ def test_streamed_segment_digest_equals_the_framed_bytes_definition():
     for name in sorted(sd):
         h.update(_frame(name.encode(), tensor_payload(sd[name])))
     assert segment_digest(sd) == h.hexdigest()
+
+
+def test_background_hashing_gives_the_same_digests_and_checkpoints():
+    """Hashed on the background thread (more tensors than the backlog holds, raw payloads interleaved,
+    a checkpoint taken and resumed midway): every digest equals the synchronous one."""
+    tensors = [torch.randn(64, 16, 7, 7) * i for i in range(40)]
+    sync, bg = TranscriptHasher(), TranscriptHasher(background=True)
+    for i, t in enumerate(tensors):
+        for h in (sync, bg):
+            h.update_tensor("forward" if i % 3 else "backward", 1, i, t)
+            if i == 20:
+                h.update("forward", b"raw payload")
+    assert bg.messages == sync.messages == 41
+    state = bg.state_dict()
+    resumed = TranscriptHasher(background=True)
+    resumed.load_state_dict(state)
+    for h in (sync, bg, resumed):
+        h.update_tensor("backward", 1, 99, tensors[1].transpose(1, 3))  # not contiguous
+    assert bg.digest() == sync.digest() == resumed.digest()
+
+
+def test_the_backlog_is_bounded_and_surfaces_errors():
+    from clicooper.background import Backlog, submit
+
+    backlog = Backlog(limit=4)
+    for i in range(10):
+        backlog.add(submit(lambda i=i: i))
+        assert len(backlog) <= 4
+    backlog.settle()
+    assert len(backlog) == 0
+
+    def fail() -> None:
+        raise RuntimeError("hash failed")
+
+    backlog.add(submit(fail))
+    try:
+        backlog.settle()
+    except RuntimeError as e:
+        assert "hash failed" in str(e)
+    else:
+        raise AssertionError("an error on the background thread was lost")
+
+
+def test_the_background_thread_is_recreated_in_a_forked_child():
+    import multiprocessing as mp
+
+    from clicooper.background import submit
+
+    assert submit(lambda: 1).result() == 1  # the parent's thread exists before the fork
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply(_in_child) == 2
+
+
+def _in_child() -> int:
+    from clicooper.background import submit
+
+    return submit(lambda: 2).result(timeout=10)

@@ -106,3 +106,31 @@ def test_the_secure_sampler_is_standard_normal_and_never_repeats():
     noise = secure_normal_like(torch.zeros(4, 3, dtype=torch.float16), 2.0)
     assert noise.shape == (4, 3) and noise.dtype == torch.float16
     assert secure_standard_normal(0).shape == (0,)
+
+
+def test_the_reserve_hands_out_fresh_standard_normals_once():
+    """Drawn ahead on the background thread: each take is its own draw (nothing handed out twice,
+    across equal, smaller and larger requests) and standard normal."""
+    from clicooper.privacy.secure_noise import NormalReserve
+
+    reserve = NormalReserve()
+    takes = [reserve.take(n) for n in (50_000, 50_000, 20_000, 80_000, 80_000)]
+    assert [t.numel() for t in takes] == [50_000, 50_000, 20_000, 80_000, 80_000]
+    z = torch.cat(takes)
+    assert z.dtype == torch.float64
+    assert z.unique().numel() == z.numel()  # no value repeats: no draw was reused
+    se = 1 / math.sqrt(z.numel())
+    assert abs(float(z.mean())) < 6 * se and abs(float(z.var()) - 1) < 6 * math.sqrt(2) * se
+
+
+def test_per_step_releases_take_their_noise_from_the_reserve(digits):
+    cfg = tiny_config(
+        privacy={"dp": True, "noise_multiplier": 1.0, "release": "per-step"}, training={"epochs": 1}
+    )
+    job = ChainJob(cfg, digits, None)
+    taken: list[int] = []
+    original = job.defence._noise.take
+    job.defence._noise.take = lambda n: (taken.append(n), original(n))[1]
+    job.data_owner.train_round(0)
+    steps = math.ceil(len(digits.train_x) / cfg.training.batch_size)
+    assert len(taken) == steps and all(n > 0 for n in taken)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from clicooper.privacy.secure_noise import secure_normal_like
+from clicooper.privacy.secure_noise import NormalReserve, secure_normal_like
 
 
 def _check_clip(clip: float) -> None:
@@ -36,22 +36,30 @@ def clip_per_sample(a: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 def gaussian_noise_like(
-    a: torch.Tensor, std: float, generator: torch.Generator | None = None
+    a: torch.Tensor,
+    std: float,
+    generator: torch.Generator | None = None,
+    reserve: NormalReserve | None = None,
 ) -> torch.Tensor:
     """N(0, std^2) noise of `a`'s shape, dtype and device.
 
     Without `generator` (what every party uses) the noise comes from the OS CSPRNG and can be
-    reproduced by nobody; a seeded `generator` is for unit tests of the mechanism only.
+    reproduced by nobody (drawn ahead by `reserve` when given); a seeded `generator` is for unit
+    tests of the mechanism only.
     """
     if generator is None:
-        return secure_normal_like(a, std)
+        return secure_normal_like(a, std, reserve)
     if not std >= 0 or math.isinf(std):
         raise ValueError(f"noise std must be >= 0 and finite, got {std}")
     return torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device) * std
 
 
 def clip_and_noise(
-    a: torch.Tensor, clip: float, noise_multiplier: float, generator: torch.Generator | None = None
+    a: torch.Tensor,
+    clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator | None = None,
+    reserve: NormalReserve | None = None,
 ) -> torch.Tensor:
     """Clip each sample to `clip`, add N(0, (noise_multiplier*clip)^2 I); multiplier 0 = clip only.
 
@@ -64,4 +72,4 @@ def clip_and_noise(
     clipped = clip_per_sample(a, clip)
     if noise_multiplier == 0:
         return clipped
-    return clipped + gaussian_noise_like(clipped, noise_multiplier * clip, generator)
+    return clipped + gaussian_noise_like(clipped, noise_multiplier * clip, generator, reserve)

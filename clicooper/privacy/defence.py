@@ -42,6 +42,7 @@ from clicooper.privacy.dp_sgd import DpSgdPlan
 from clicooper.privacy.label_accounting import LabelAccountant
 from clicooper.privacy.label_dp import LabelRandomizer, new_label_key
 from clicooper.privacy.labels import LabelCodebook
+from clicooper.privacy.secure_noise import NormalReserve
 
 LEDGER = "privacy_ledger.json"
 
@@ -100,6 +101,7 @@ class DataOwnerDefences:
         self.accountant: ActivationAccountant | None = None
         self.head_plan: DpSgdPlan | None = None  # end-to-end: the head's DP-SGD run
         self.head_steps = 0  # DP-SGD steps taken so far (accounted)
+        self._noise = NormalReserve()  # per-step release noise, drawn one step ahead
         if cfg.dp:
             total = releases_per_run(cfg, epochs, self.steps_per_epoch, poisson and not self.one_shot)
             sigma = cfg.noise_multiplier
@@ -241,7 +243,8 @@ class DataOwnerDefences:
         if self.accountant is None:
             return a
         if train or self.cfg.noise_at_inference:
-            return clip_and_noise(a, self.cfg.clip, self.accountant.noise_multiplier, gen)
+            reserve = self._noise if train and not self.one_shot else None  # the same size every step
+            return clip_and_noise(a, self.cfg.clip, self.accountant.noise_multiplier, gen, reserve)
         return clip_per_sample(a, self.cfg.clip)  # the model always sees clipped activations
 
     def privatize_labels(self, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from clicooper.background import Backlog, submit
 from clicooper.checkpoint import atomic_write_bytes
 from clicooper.provenance.identity import Identity, fingerprint_of, verify_signature
 from clicooper.provenance.watermark import commitment_salt, watermark_commitment
@@ -100,30 +101,50 @@ class TranscriptHasher:
     32-byte chain values and counts, so it checkpoints as JSON.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, background: bool = False) -> None:
+        """`background`: hash tensors on the process's background thread (clicooper.background),
+        overlapping the training step. The digests are the same; every read waits for the backlog.
+        A tensor handed to `update_tensor` must then not be modified in place afterwards (relayed
+        tensors never are: they are fresh outputs, gradients or decoded messages)."""
         self._chain = {
             "forward": hashlib.sha256(b"forward").digest(),
             "backward": hashlib.sha256(b"backward").digest(),
         }
         self._count = {"forward": 0, "backward": 0}
+        self._backlog = Backlog() if background else None
+
+    def _settle(self) -> None:
+        if self._backlog is not None:
+            self._backlog.settle()
+
+    @staticmethod
+    def _check(direction: str) -> None:
+        if direction not in ("forward", "backward"):
+            raise ValueError(f"transcript direction must be 'forward' or 'backward', got {direction!r}")
 
     def update(self, direction: Direction, payload: bytes) -> None:
-        if direction not in self._chain:
-            raise ValueError(f"transcript direction must be 'forward' or 'backward', got {direction!r}")
+        self._check(direction)
+        self._settle()
         self._chain[direction] = hashlib.sha256(self._chain[direction] + _frame(bytes(payload))).digest()
         self._count[direction] += 1
 
     def update_tensor(self, direction: Direction, rnd: int, step: int, tensor: torch.Tensor) -> None:
         """Hash one relayed tensor together with the (round, step) it belongs to; the same digest as
         `update(direction, pack(rnd, step) + tensor_payload(tensor))`, without copying the tensor."""
-        if direction not in self._chain:
-            raise ValueError(f"transcript direction must be 'forward' or 'backward', got {direction!r}")
+        self._check(direction)
+        if self._backlog is None:
+            self._absorb(direction, rnd, step, tensor)
+        else:
+            self._backlog.add(submit(self._absorb, direction, rnd, step, tensor.detach()))
+
+    def _absorb(self, direction: Direction, rnd: int, step: int, tensor: torch.Tensor) -> None:
         h = hashlib.sha256(self._chain[direction])
         _update_framed_tensor(h, struct.pack(">QQ", rnd, step), tensor)
         self._chain[direction] = h.digest()
         self._count[direction] += 1
 
     def digest(self) -> str:
+        self._settle()
         return hashlib.sha256(
             _TRANSCRIPT_DOMAIN
             + self._chain["forward"]
@@ -133,12 +154,15 @@ class TranscriptHasher:
 
     @property
     def messages(self) -> int:
+        self._settle()
         return sum(self._count.values())
 
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         return {"chain": {k: v.hex() for k, v in self._chain.items()}, "count": dict(self._count)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._settle()
         self._chain = {k: bytes.fromhex(state["chain"][k]) for k in ("forward", "backward")}
         self._count = {k: int(state["count"][k]) for k in ("forward", "backward")}
 

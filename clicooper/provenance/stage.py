@@ -26,6 +26,11 @@ from clicooper.provenance.watermark import WatermarkEmbedder, WatermarkSpec
 log = logging.getLogger("clicooper.provenance")
 
 
+def _link_hashers() -> dict[str, TranscriptHasher]:
+    """One transcript per link, hashed on the background thread while training goes on."""
+    return {"prev": TranscriptHasher(background=True), "next": TranscriptHasher(background=True)}
+
+
 class StageProvenance:
     """State of one trainer's watermark and records; checkpointed with the trainer."""
 
@@ -48,7 +53,7 @@ class StageProvenance:
         self.nonce: bytes = b""
         self.links: list[str] = []
         self.embedder: WatermarkEmbedder | None = None
-        self.hashers = {"prev": TranscriptHasher(), "next": TranscriptHasher()}
+        self.hashers = _link_hashers()
 
     def open_round(self, rnd: int, nonce: bytes, links: list[str], segment: nn.Module) -> None:
         self.round, self.nonce, self.links = rnd, nonce, links
@@ -60,7 +65,7 @@ class StageProvenance:
             prev_digests=links,
             segment=segment,
         )
-        self.hashers = {"prev": TranscriptHasher(), "next": TranscriptHasher()}
+        self.hashers = _link_hashers()
 
     # -- TrainerHooks -----------------------------------------------------
     def regulariser(self, segment: nn.Module) -> torch.Tensor | None:
