@@ -118,6 +118,9 @@ def test_the_reserve_hands_out_fresh_standard_normals_once():
     assert [t.numel() for t in takes] == [50_000, 50_000, 20_000, 80_000, 80_000]
     z = torch.cat(takes)
     assert z.dtype == torch.float64
+    scaled = [reserve.take(40_000, 3.0, torch.float32) for _ in range(2)]  # another kind: a fresh draw
+    assert all(t.dtype == torch.float32 for t in scaled)
+    assert abs(float(torch.cat(scaled).std()) - 3.0) < 0.05
     assert z.unique().numel() == z.numel()  # no value repeats: no draw was reused
     se = 1 / math.sqrt(z.numel())
     assert abs(float(z.mean())) < 6 * se and abs(float(z.var()) - 1) < 6 * math.sqrt(2) * se
@@ -130,7 +133,7 @@ def test_per_step_releases_take_their_noise_from_the_reserve(digits):
     job = ChainJob(cfg, digits, None)
     taken: list[int] = []
     original = job.defence._noise.take
-    job.defence._noise.take = lambda n: (taken.append(n), original(n))[1]
+    job.defence._noise.take = lambda n, *a: (taken.append(n), original(n, *a))[1]
     job.data_owner.train_round(0)
     steps = math.ceil(len(digits.train_x) / cfg.training.batch_size)
     assert len(taken) == steps and all(n > 0 for n in taken)

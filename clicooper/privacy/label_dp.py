@@ -41,12 +41,13 @@ def keyed_uniforms(key: bytes, ids: torch.Tensor) -> torch.Tensor:
     """(N, 2) float64 uniforms in [0, 1) per sample index, from HMAC-SHA256(key, index) (53 bits each)."""
     if not isinstance(key, bytes | bytearray) or len(key) < 16:
         raise ValueError("the label-DP key must be at least 16 bytes")
-    out = np.empty((len(ids), 2), dtype=np.float64)
-    for row, i in enumerate(torch.as_tensor(ids).reshape(-1).tolist()):
-        d = hmac.new(bytes(key), _DOMAIN + b"|" + str(int(i)).encode(), hashlib.sha256).digest()
-        out[row, 0] = (int.from_bytes(d[:8], "big") >> 11) / 2.0**53
-        out[row, 1] = (int.from_bytes(d[8:16], "big") >> 11) / 2.0**53
-    return torch.from_numpy(out)
+    key, prefix = bytes(key), _DOMAIN + b"|"
+    ids = torch.as_tensor(ids).reshape(-1).tolist()
+    # hmac.digest: the one-shot C path, several times faster per sample than hmac.new(...).digest()
+    words = np.frombuffer(
+        b"".join(hmac.digest(key, prefix + str(int(i)).encode(), "sha256")[:16] for i in ids), dtype=">u8"
+    ).reshape(len(ids), 2)
+    return torch.from_numpy((words >> np.uint64(11)).astype(np.float64) / 2.0**53)
 
 
 def keep_probability(epsilon: float, k: int) -> float:

@@ -13,7 +13,6 @@ the same across library versions and machines: a run resumed elsewhere decodes c
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -42,7 +41,7 @@ def generate_secret() -> bytes:
 def _prf(secret: bytes, *parts: object) -> bytes:
     """HMAC-SHA256 of a canonical (JSON) encoding of `parts`, domain-separated."""
     msg = _DOMAIN + b"|" + json.dumps(list(parts), separators=(",", ":")).encode()
-    return hmac.new(secret, msg, hashlib.sha256).digest()
+    return hmac.digest(secret, msg, "sha256")
 
 
 class LabelCodebook:

@@ -60,26 +60,34 @@ def secure_standard_normal(n: int) -> torch.Tensor:
 
 
 class NormalReserve:
-    """Secure standard normals drawn one request ahead, on the process's background thread.
+    """Secure Gaussian noise drawn one request ahead, on the process's background thread.
 
     A per-step release needs the same amount of noise every step, and none of it depends on the
-    data; drawing the next step's while this step trains takes the sampler (about 4 ms a step on
-    the default job) off the step's critical path. Each drawn value is handed out at most once: a
-    request larger than the draw waiting for it gets a fresh draw (the waiting one is dropped),
-    a smaller one (the last batch of an epoch) a prefix. Secrecy is unchanged: the draws are the
-    same OS-keyed keystream, held only in this process's memory until used.
+    data; drawing (and scaling and casting) the next step's while this step trains takes the
+    sampler, about 4 ms a step on the default job, off the step's critical path. Each drawn value
+    is handed out at most once: a request that the waiting draw cannot serve (more values, another
+    std or dtype) gets a fresh draw and the waiting one is dropped; a smaller one (the last batch
+    of an epoch) gets a prefix. Secrecy is unchanged: the draws are the same OS-keyed keystream,
+    held only in this process's memory until used.
     """
 
     def __init__(self) -> None:
-        self._ahead: Future[torch.Tensor] | None = None
+        self._ahead: tuple[tuple[float, torch.dtype], int, Future[torch.Tensor]] | None = None
 
-    def take(self, n: int) -> torch.Tensor:
-        """n independent N(0, 1) draws (float64); starts drawing the next n in the background."""
-        ahead, self._ahead = self._ahead, None
-        drawn = ahead.result() if ahead is not None else None
-        z = drawn[:n] if drawn is not None and drawn.numel() >= n else secure_standard_normal(n)
-        self._ahead = submit(secure_standard_normal, n)
+    def take(self, n: int, std: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """n independent N(0, std^2) draws as `dtype` (computed in float64); starts drawing the
+        next n of the same kind in the background."""
+        ahead, self._ahead, kind = self._ahead, None, (std, dtype)
+        if ahead is not None and ahead[0] == kind and ahead[1] >= n:
+            z = ahead[2].result()[:n]
+        else:
+            z = _scaled(n, std, dtype)
+        self._ahead = (kind, n, submit(_scaled, n, std, dtype))
         return z
+
+
+def _scaled(n: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+    return (secure_standard_normal(n) * std).to(dtype)
 
 
 def secure_normal_like(a: torch.Tensor, std: float, reserve: NormalReserve | None = None) -> torch.Tensor:
@@ -87,5 +95,7 @@ def secure_normal_like(a: torch.Tensor, std: float, reserve: NormalReserve | Non
     from `reserve` when given (drawn ahead, same distribution and source)."""
     if not std >= 0 or math.isinf(std):
         raise ValueError(f"noise std must be >= 0 and finite, got {std}")
-    z = (reserve.take(a.numel()) if reserve is not None else secure_standard_normal(a.numel())) * std
+    if reserve is not None:
+        return reserve.take(a.numel(), std, a.dtype).reshape(a.shape).to(device=a.device)
+    z = secure_standard_normal(a.numel()) * std
     return z.reshape(a.shape).to(dtype=a.dtype, device=a.device)
