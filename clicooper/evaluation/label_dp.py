@@ -22,6 +22,7 @@ from clicooper.evaluation.privacy import (
     KNOWN_PER_CLASS,
     Epsilons,
     _u_shaped_cuts,
+    clustered_samples,
     clustering_rows,
     train_and_observe,
 )
@@ -102,7 +103,7 @@ def run_label_dp_eval(
     """The label-DP table for `cfg` (e.g. the defended default job); writes label_dp.csv, results.json and
     report.md/.html into `out`. With `u_shaped`, the same epsilons in U-shaped mode as well."""
     out.mkdir(parents=True, exist_ok=True)
-    max_samples = 500 if quick else 5000
+    max_samples = clustered_samples(quick)
     seed = cfg.job.seed
     settings = [("chain", False)] + ([("U-shaped", True)] if u_shaped else [])
     table, details = [], {}
@@ -132,7 +133,8 @@ def _write_report(cfg, data, out, table, details, quick) -> Path:
         f"{len(data.train_x)} training samples; activation DP {act}"
         f", gamma = {p.gamma}. Label DP: randomized response with a prior (uniform prior, K-ary RR), "
         "each label drawn once per job from OS randomness. Clustering (Liu & Lyu 2022) on the gradients "
-        "every trainer receives and on the last trainer's pseudo-labels, k = K and gamma*K, best over "
+        "every trainer receives and on the last trainer's pseudo-labels of the last round "
+        f"({clustered_samples(quick)} samples), k = K and gamma*K, best over "
         "positions and k, with 1 or 5 known labels per class; success = advantage over chance."
     )
     r.text(
