@@ -580,3 +580,24 @@ def test_completion_leaves_a_detected_mark_alone():
     emb.bits = emb.extract(seg).clone()  # the mark as it stands: nothing to complete
     w = emb._w(seg).clone()
     assert emb.complete(seg) == 0 and torch.equal(emb._w(seg), w)
+
+
+def test_the_embedders_carrier_is_the_verifiers_on_a_subset():
+    """The embedder gathers its key's subset kernel by kernel; the verifier (`segment_vector`, on a
+    state dict) concatenates and subsets. Same values, same order, and the gradient reaches exactly
+    the subset's weights."""
+    from clicooper.provenance.watermark import WatermarkEmbedder, WatermarkSpec, segment_vector
+
+    seg = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 50), nn.Conv2d(3, 4, 3))
+    spec = WatermarkSpec(n_bits=64, strength=0.05, fp_bound=1e-6, max_weights=5000)
+    key = new_watermark_key()
+    emb = WatermarkEmbedder.for_round(
+        spec, key, nonce=os.urandom(16), identity_fp="0" * 64, prev_digests=[], segment=seg
+    )
+    reference = segment_vector(seg.state_dict(), key, None, 5000)
+    assert torch.equal(emb._w(seg), reference) and torch.equal(emb._w(seg.state_dict()), reference)
+    emb.regulariser(seg).backward()
+    touched = sum(int((p.grad != 0).sum()) for n, p in seg.named_parameters() if n.endswith("weight"))
+    assert 0 < touched <= 5000 and all(
+        p.grad is None for n, p in seg.named_parameters() if n.endswith("bias")
+    )
