@@ -967,7 +967,7 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="TOML job configuration (
 @attack_app.command("clustering")
 def attack_clustering(config: ConfigArg = None, quick: QuickOpt = False) -> None:
     """Liu & Lyu clustering label inference at every position (activations, gradients, pseudo-labels)."""
-    from clicooper.evaluation.privacy import KNOWN_PER_CLASS, Epsilons, clustered_samples, clustering_rows
+    from clicooper.evaluation.privacy import KNOWN_PER_CLASS, Epsilons, clustering_rows
 
     cfg, data, job, obs = _attacked_job(config, quick)
     rows = clustering_rows(
@@ -975,7 +975,7 @@ def attack_clustering(config: ConfigArg = None, quick: QuickOpt = False) -> None
         data,
         cfg.privacy.gamma,
         cfg.job.seed,
-        clustered_samples(quick),  # as in `eval privacy`
+        quick,  # as in `eval privacy`
         known_per_class=KNOWN_PER_CLASS,
         epsilons=Epsilons.of(job),
     )

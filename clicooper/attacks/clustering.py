@@ -24,7 +24,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from clicooper.attacks.metrics import chance_advantage
 
-MINIBATCH_ABOVE = 20_000  # full k-means is quadratic-ish in memory/time beyond this many samples
+MINIBATCH_ABOVE = 100_000  # full k-means (O(n k d) a pass) up to this many samples; mini-batches beyond
 
 
 @dataclass(frozen=True)

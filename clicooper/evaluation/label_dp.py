@@ -22,7 +22,7 @@ from clicooper.evaluation.privacy import (
     KNOWN_PER_CLASS,
     Epsilons,
     _u_shaped_cuts,
-    clustered_samples,
+    clustered_text,
     clustering_rows,
     train_and_observe,
 )
@@ -38,7 +38,7 @@ def _best(rows: list[dict], observed: str, known: int) -> dict | None:
 
 
 def label_dp_row(
-    setting: str, cfg: JobConfig, data: DatasetSplits, *, max_samples: int
+    setting: str, cfg: JobConfig, data: DatasetSplits, *, quick: bool
 ) -> tuple[dict, list[dict]]:
     """Train `cfg` once; its accuracy, and the best clustering success on gradients and pseudo-labels
     (over positions and k) for 1 and 5 known labels per class, each with its bound."""
@@ -52,7 +52,7 @@ def label_dp_row(
         data,
         cfg.privacy.gamma,
         cfg.job.seed,
-        max_samples,
+        quick,
         known_per_class=KNOWN_PER_CLASS,
         epsilons=eps,
         sources=("gradients", "pseudo-labels"),
@@ -103,14 +103,13 @@ def run_label_dp_eval(
     """The label-DP table for `cfg` (e.g. the defended default job); writes label_dp.csv, results.json and
     report.md/.html into `out`. With `u_shaped`, the same epsilons in U-shaped mode as well."""
     out.mkdir(parents=True, exist_ok=True)
-    max_samples = clustered_samples(quick)
     seed = cfg.job.seed
     settings = [("chain", False)] + ([("U-shaped", True)] if u_shaped else [])
     table, details = [], {}
     for setting, u in settings:
         for eps in label_epsilons:
             c = cfg.replace(privacy={"label_epsilon": eps, "u_shaped": u, "secret_seed": seed})
-            row, rows = label_dp_row(setting, c, data, max_samples=max_samples)
+            row, rows = label_dp_row(setting, c, data, quick=quick)
             table.append(row)
             details[f"{setting}, label epsilon {eps}"] = rows
             (out / "results.json").write_text(json.dumps({"table": table, "clustering": details}, indent=2))
@@ -134,7 +133,7 @@ def _write_report(cfg, data, out, table, details, quick) -> Path:
         f", gamma = {p.gamma}. Label DP: randomized response with a prior (uniform prior, K-ary RR), "
         "each label drawn once per job from OS randomness. Clustering (Liu & Lyu 2022) on the gradients "
         "every trainer receives and on the last trainer's pseudo-labels of the last round "
-        f"({clustered_samples(quick)} samples), k = K and gamma*K, best over "
+        f"({clustered_text(quick)}), k = K and gamma*K, best over "
         "positions and k, with 1 or 5 known labels per class; success = advantage over chance."
     )
     r.text(
