@@ -440,11 +440,11 @@ class WatermarkEmbedder:
         """The sorted subset split by kernel: (kernel number, indices within it), cached."""
         if self._split is None:
             bounds = torch.tensor([0, *sizes]).cumsum(0)
-            self._split = [
-                (i, self._idx[(self._idx >= bounds[i]) & (self._idx < bounds[i + 1])] - bounds[i])
-                for i in range(len(sizes))
+            groups = [
+                self._idx[(self._idx >= lo) & (self._idx < hi)] - lo
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
             ]
-            self._split = [(i, local) for i, local in self._split if local.numel()]
+            self._split = [(i, local) for i, local in enumerate(groups) if local.numel()]
         return self._split
 
     def loss(self, segment: nn.Module) -> torch.Tensor:
