@@ -11,26 +11,28 @@ from clicooper.transport import (
     Output,
     RoundSealed,
     Targets,
+    copy_message,
     decode,
     encode,
+    encoded_size,
 )
 from clicooper.transport.messages import StageSealed
 
 H = Header("job", "a", "b", 1, 2, 3)
 
 
-@pytest.mark.parametrize(
-    "msg",
-    [
-        Forward(header=H, activation=torch.randn(4, 3, 5, 5), train=False),
-        Backward(header=H, grad=torch.randn(7, 11), loss=0.25),
-        Targets(header=H, labels=torch.tensor([0, 5, 19])),
-        Output(header=H, output=torch.randn(2, 20).double(), train=True),
-        RoundSealed(header=H),
-        StageSealed(header=H, record='{"a": 1}', attestations="[]"),
-        Forward(header=H, activation=torch.empty(0, 3)),
-    ],
-)
+MESSAGES = [
+    Forward(header=H, activation=torch.randn(4, 3, 5, 5), train=False),
+    Backward(header=H, grad=torch.randn(7, 11), loss=0.25),
+    Targets(header=H, labels=torch.tensor([0, 5, 19])),
+    Output(header=H, output=torch.randn(2, 20).double(), train=True),
+    RoundSealed(header=H),
+    StageSealed(header=H, record='{"a": 1}', attestations="[]"),
+    Forward(header=H, activation=torch.empty(0, 3)),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES)
 def test_round_trip(msg):
     out = decode(bytes(encode(msg)))  # bytes: the read-only (network) path
     assert type(out) is type(msg) and out.header == msg.header
@@ -94,3 +96,41 @@ def test_rejects_bad_dtype_shape_kind_and_truncation():
 def test_rejects_disallowed_dtype_on_encode():
     with pytest.raises(CodecError, match="not allowed"):
         encode(Forward(header=H, activation=torch.zeros(2, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("msg", MESSAGES)
+def test_in_process_copy_is_what_decoding_returns(msg):
+    """`copy_message` (in-process delivery) gives the message `decode(encode(msg))` gives, with
+    tensors that do not alias the sender's, and the hop is charged the encoded size."""
+    wire, copy = decode(bytes(encode(msg))), copy_message(msg)
+    assert type(copy) is type(wire) and copy.header == wire.header
+    assert encoded_size(msg) == len(encode(msg))
+    for f in ("activation", "grad", "labels", "output"):
+        if hasattr(msg, f):
+            a, b = getattr(wire, f), getattr(copy, f)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            assert b.numel() == 0 or b.data_ptr() != getattr(msg, f).data_ptr()
+    for f in ("loss", "train", "record", "attestations", "micro", "micros"):
+        if hasattr(msg, f):
+            assert getattr(copy, f) == getattr(wire, f)
+
+
+def test_in_process_copy_rejects_what_decoding_rejects():
+    nan = torch.zeros(2, 2)
+    nan[0, 1] = float("nan")
+    bad = [
+        (Forward(header=H, activation=nan), "NaN or infinity"),
+        (Forward(header=H, activation=torch.zeros(2, dtype=torch.bool)), "not allowed"),
+        (Forward(header=H, activation=torch.zeros([1] * 9)), "exceeds the message limits"),
+        (Forward(header=Header("job", "a", "b", 1, -2, 3), activation=torch.zeros(1)), "must be >= 0"),
+        (Forward(header=Header("job", "a", "b", 1, "2", 3), activation=torch.zeros(1)), "expected int"),
+        (Backward(header=H, grad=torch.zeros(1), loss=float("inf")), "not finite"),
+    ]
+    for msg, match in bad:
+        with pytest.raises(CodecError, match=match):
+            copy_message(msg)
+        with pytest.raises((CodecError, ValueError)):  # ValueError: JSON refuses a non-finite float
+            decode(bytes(encode(msg)))
+    t = torch.randn(3, 4)
+    copy = copy_message(Forward(header=H, activation=t.T))  # a non-contiguous view: copied contiguous
+    assert copy.activation.is_contiguous() and torch.equal(copy.activation, t.T)

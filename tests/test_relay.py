@@ -11,7 +11,7 @@ from clicooper.checkpoint import latest_round
 from clicooper.config import ConfigError, parse_config
 from clicooper.job import ChainJob, train_centralized
 from clicooper.parties import ProtocolError
-from clicooper.transport import Backward, Forward, Header, Targets
+from clicooper.transport import Backward, Forward, Header, InProcTransport, Targets
 from tests.conftest import tiny_config
 
 
@@ -31,6 +31,22 @@ def test_relay_equals_centralized(digits, n_trainers):
     assert summary.test_accuracy == pytest.approx(central.test_accuracy, abs=1e-3)
     assert summary.test_accuracy > 0.5  # it really learns: five times chance on 10 classes
     assert summary.bytes_per_step["data_owner->trainer_1"] > 0
+
+
+def test_in_process_delivery_without_bytes_equals_the_wire(digits):
+    """The in-process transport's default delivery (validated copies, no bytes) trains exactly as
+    encoding every message and decoding it does, and charges each hop the same bytes."""
+    cfg = tiny_config(model={"n_trainers": 2}, training={"epochs": 2, "lr": 0.1})
+    direct, wire = (
+        ChainJob(cfg, digits, None),
+        ChainJob(cfg, digits, None, transport=InProcTransport(wire=True)),
+    )
+    a, b = direct.run(), wire.run()
+    for x, y in zip(_chain_params(direct), _chain_params(wire), strict=True):
+        assert torch.equal(x, y)
+    assert a.test_accuracy == b.test_accuracy
+    assert direct.transport.bytes_sent == wire.transport.bytes_sent
+    assert not direct.transport.wire and wire.transport.wire
 
 
 def test_relay_with_adam_mlp_and_capacities(digits):

@@ -1,7 +1,7 @@
 """Typed messages, the raw-bytes codec, and transports (in-process)."""
 
 from clicooper.transport.base import Transport, TransportError
-from clicooper.transport.codec import CodecError, decode, encode
+from clicooper.transport.codec import CodecError, copy_message, decode, encode, encoded_size
 from clicooper.transport.inproc import InProcTransport
 from clicooper.transport.messages import (
     Backward,
@@ -27,6 +27,8 @@ __all__ = [
     "Targets",
     "Transport",
     "TransportError",
+    "copy_message",
     "decode",
     "encode",
+    "encoded_size",
 ]
