@@ -41,7 +41,9 @@ def output_dim(cfg: JobConfig, num_classes: int) -> int:
 
 
 def lr_schedule(cfg: TrainingSection) -> RoundLr | None:
-    return schedule(cfg.lr, cfg.epochs, cfg.lr_schedule) if cfg.lr_schedule != "constant" else None
+    return (
+        schedule(cfg.lr, cfg.epochs, cfg.lr_schedule, cfg.lr_floor) if cfg.lr_schedule != "constant" else None
+    )
 
 
 def arch_options(cfg: JobConfig) -> dict[str, object]:

@@ -640,7 +640,7 @@ def train_centralized(
     opt = make_optimizer(model.parameters(), cfg.training)
     bs = cfg.training.batch_size
     epoch_times, t0, acc = [], time.perf_counter(), float("nan")
-    lr_at = schedule(cfg.training.lr, cfg.training.epochs, cfg.training.lr_schedule)
+    lr_at = schedule(cfg.training.lr, cfg.training.epochs, cfg.training.lr_schedule, cfg.training.lr_floor)
     for epoch in range(cfg.training.epochs):
         te = time.perf_counter()
         set_lr(opt, lr_at(epoch))

@@ -19,22 +19,23 @@ LrScheduleKind = Literal["constant", "cosine"]
 RoundLr = Callable[[int], float]
 
 
-# Cosine decay stops at this fraction of the base rate: every round must still be able to embed
-# its fresh watermark bits (a round at a near-zero rate cannot move the weights that carry them).
+# Cosine decay stops at this fraction of the base rate by default (`training.lr_floor`): every round
+# must still be able to embed its fresh watermark bits (a round at a near-zero rate cannot move the
+# weights that carry them).
 COSINE_FLOOR = 0.1
 
 
-def round_lr(base: float, rnd: int, epochs: int, kind: LrScheduleKind) -> float:
+def round_lr(base: float, rnd: int, epochs: int, kind: LrScheduleKind, floor: float = COSINE_FLOOR) -> float:
     """The learning rate of round `rnd` (0-based) of `epochs`: constant, or cosine-decayed from
-    `base` to COSINE_FLOOR * base, evaluated at the round's midpoint."""
+    `base` to `floor * base`, evaluated at the round's midpoint."""
     if kind == "constant":
         return base
     cos = 0.5 * (1.0 + math.cos(math.pi * (rnd + 0.5) / max(epochs, 1)))
-    return base * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * cos)
+    return base * (floor + (1.0 - floor) * cos)
 
 
-def schedule(base: float, epochs: int, kind: LrScheduleKind) -> RoundLr:
-    return lambda rnd: round_lr(base, rnd, epochs, kind)
+def schedule(base: float, epochs: int, kind: LrScheduleKind, floor: float = COSINE_FLOOR) -> RoundLr:
+    return lambda rnd: round_lr(base, rnd, epochs, kind, floor)
 
 
 def set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:

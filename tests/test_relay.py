@@ -11,6 +11,7 @@ from clicooper.checkpoint import latest_round
 from clicooper.config import ConfigError, parse_config
 from clicooper.job import ChainJob, train_centralized
 from clicooper.parties import ProtocolError
+from clicooper.schedule import round_lr
 from clicooper.transport import Backward, Forward, Header, InProcTransport, Targets
 from tests.conftest import tiny_config
 
@@ -31,6 +32,23 @@ def test_relay_equals_centralized(digits, n_trainers):
     assert summary.test_accuracy == pytest.approx(central.test_accuracy, abs=1e-3)
     assert summary.test_accuracy > 0.5  # it really learns: five times chance on 10 classes
     assert summary.bytes_per_step["data_owner->trainer_1"] > 0
+
+
+def test_cosine_schedule_and_its_floor_reach_every_party(digits):
+    """`training.lr_floor` sets where cosine decay ends, in every party alike: the chain still equals
+    centralized training, and the last round runs at the floor's rate, not the default's."""
+    cfg = tiny_config(training={"epochs": 3, "lr": 0.1, "lr_schedule": "cosine", "lr_floor": 0.0})
+    job = ChainJob(cfg, digits, None)
+    job.run()
+    _, model = train_centralized(cfg, digits)
+    for a, b in zip(_chain_params(job), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    last = round_lr(0.1, 2, 3, "cosine", 0.0)
+    assert last < round_lr(0.1, 2, 3, "cosine") and round_lr(0.1, 0, 3, "cosine", 0.0) < 0.1
+    assert [g["lr"] for t in job.trainers for g in t.optimizer.param_groups] == [last] * len(job.trainers)
+    assert round_lr(0.1, 999, 1000, "cosine", 0.0) < 1e-6 < round_lr(0.1, 999, 1000, "cosine")
+    with pytest.raises(ConfigError, match="lr_floor"):
+        parse_config({"training": {"lr_floor": 1.5}})
 
 
 def test_in_process_delivery_without_bytes_equals_the_wire(digits):
