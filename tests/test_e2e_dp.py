@@ -272,9 +272,14 @@ def test_example_config_is_end_to_end():
 
     from clicooper.config import load_config
 
-    cfg = load_config(Path(__file__).parent.parent / "examples" / "end_to_end.toml")
+    examples = Path(__file__).parent.parent / "examples"
+    cfg = load_config(examples / "end_to_end.toml")
     assert cfg.privacy.guarantee == "end-to-end" and cfg.model.head_pretrain_epochs == 0
-    assert cfg.model.embed == 10
+    assert cfg.model.embed == 10 and cfg.watermark.enabled and cfg.training.lr_floor == 0.1
+    settled = load_config(examples / "end_to_end_no_watermark.toml")
+    # the same job but for the watermark, the rate's floor and the passes (its job name aside)
+    back = {"watermark": {"enabled": True}, "training": {"lr_floor": 0.1, "epochs": 10}}
+    assert settled.replace(**back, job={"name": "end-to-end"}) == cfg
 
 
 def test_model_embed_sets_the_release_width(digits):
