@@ -125,11 +125,14 @@ def test_in_process_copy_rejects_what_decoding_rejects():
         (Forward(header=Header("job", "a", "b", 1, -2, 3), activation=torch.zeros(1)), "must be >= 0"),
         (Forward(header=Header("job", "a", "b", 1, "2", 3), activation=torch.zeros(1)), "expected int"),
         (Backward(header=H, grad=torch.zeros(1), loss=float("inf")), "not finite"),
+        (StageSealed(header=H, record="x" * (1024 * 1024 + 1), attestations="[]"), "header exceeds"),
+        (Forward(header={"sender": "a"}, activation=torch.zeros(1)), "malformed message"),
     ]
     for msg, match in bad:
         with pytest.raises(CodecError, match=match):
             copy_message(msg)
-        with pytest.raises((CodecError, ValueError)):  # ValueError: JSON refuses a non-finite float
+        # encode refuses some before any byte exists (JSON: a non-finite float; a header without fields)
+        with pytest.raises((CodecError, ValueError, AttributeError)):
             decode(bytes(encode(msg)))
     t = torch.randn(3, 4)
     copy = copy_message(Forward(header=H, activation=t.T))  # a non-contiguous view: copied contiguous
