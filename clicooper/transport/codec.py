@@ -85,12 +85,6 @@ def _prefix(msg: Message) -> bytes:
     return struct.pack(">I", len(head)) + head
 
 
-def encoded_size(msg: Message) -> int:
-    """len(encode(msg)), without copying the tensors: what a hop is charged in-process."""
-    tensors = (getattr(msg, name) for name in _tensor_fields(type(msg)))
-    return len(_prefix(msg)) + sum(_align(t.numel() * t.element_size()) for t in tensors)
-
-
 def encode(msg: Message) -> memoryview:
     """Serialise a message into one buffer (tensors as raw little-endian bytes, one copy each)."""
     prefix = _prefix(msg)
@@ -269,14 +263,15 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
     return cls(header=hdr, **kwargs)
 
 
-def copy_message(msg: Message) -> Message:
-    """What `decode(encode(msg))` returns, without the bytes: delivery between parties in one process.
+def copy_message(msg: Message) -> tuple[Message, int]:
+    """What `decode(encode(msg))` returns, without the bytes: delivery between parties in one process;
+    with `len(encode(msg))`, what the hop is charged.
 
     Runs the checks decoding applies to a peer's message (a registered kind; header and field
-    types, finite floats, non-negative counters; whitelisted dtypes, at most MAX_DIMS dimensions,
-    MAX_MESSAGE_BYTES in all; finite tensors) and copies each tensor once, so that the receiver never
-    shares memory with the sender. Raises only CodecError, as `decode` does. Skipping the JSON header
-    and the byte buffer saves about half a millisecond a message (BENCHMARKS.md, relay)."""
+    types, finite floats, non-negative counters, the header's size; whitelisted dtypes, at most
+    MAX_DIMS dimensions, MAX_MESSAGE_BYTES in all; finite tensors) and copies each tensor once, so that
+    the receiver never shares memory with the sender. Raises only CodecError, as `decode` does.
+    Skipping the byte buffer saves about half a millisecond a message (BENCHMARKS.md, relay)."""
     try:
         return _copy_message(msg)
     except CodecError:
@@ -285,7 +280,7 @@ def copy_message(msg: Message) -> Message:
         raise CodecError(f"malformed message: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def _copy_message(msg: Message) -> Message:
+def _copy_message(msg: Message) -> tuple[Message, int]:
     cls = type(msg)
     if MESSAGE_TYPES.get(cls.KIND) is not cls:
         raise CodecError(f"unknown message type {cls.__name__}")
@@ -297,20 +292,19 @@ def _copy_message(msg: Message) -> Message:
     kwargs: dict[str, Any] = {
         k: _check_type(getattr(msg, k), t, cls.KIND, k) for k, t in _scalar_fields(cls).items()
     }
-    if len(_prefix(msg)) - 4 > MAX_HEADER_BYTES:  # what decoding refuses as "bad header length"
+    prefix = _prefix(msg)  # also refuses dtypes off the whitelist, as encoding does
+    if len(prefix) - 4 > MAX_HEADER_BYTES:  # what decoding refuses as "bad header length"
         raise CodecError(f"{cls.KIND}: header exceeds the {MAX_HEADER_BYTES}-byte limit")
-    total = 0
+    size, total = len(prefix), 0
     for name in _tensor_fields(cls):
         t = getattr(msg, name)
         where = f"{cls.KIND}.{name}"
-        if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPE_NAMES:
-            raise CodecError(
-                f"{where}: dtype {getattr(t, 'dtype', type(t).__name__)} is not allowed on the wire"
-            )
-        total += t.numel() * t.element_size()
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
         if t.dim() > MAX_DIMS or total > MAX_MESSAGE_BYTES:
             raise CodecError(f"{where}: shape {list(t.shape)} exceeds the message limits")
         copy = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach())
         _check_finite(copy, where)
         kwargs[name] = copy
-    return cls(header=hdr, **kwargs)
+        size += _align(nbytes)
+    return cls(header=hdr, **kwargs), size

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from clicooper.transport.base import Handler, Transport, TransportError
-from clicooper.transport.codec import copy_message, decode, encode, encoded_size
+from clicooper.transport.codec import copy_message, decode, encode
 from clicooper.transport.messages import Message
 
 
@@ -39,8 +39,9 @@ class InProcTransport(Transport):
             self._count(msg, len(data))
             self._queue.append((receiver, data))
         else:  # validated and copied now, as encoding would snapshot the tensors now
-            self._count(msg, encoded_size(msg))
-            self._queue.append((receiver, copy_message(msg)))
+            copy, nbytes = copy_message(msg)
+            self._count(msg, nbytes)
+            self._queue.append((receiver, copy))
 
     def _deliver_one(self) -> None:
         receiver, item = self._queue.popleft()
