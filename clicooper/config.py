@@ -137,6 +137,11 @@ class ModelSection(_Section):
         return self
 
 
+# Cosine decay's default end, as a fraction of the base rate: a round at a near-zero rate cannot move
+# the weights that carry its fresh watermark bits.
+COSINE_FLOOR = 0.1
+
+
 class TrainingSection(_Section):
     epochs: StrictInt = Field(3, ge=1, le=100_000)
     batch_size: StrictInt = Field(64, ge=1, le=2**20)
@@ -145,11 +150,11 @@ class TrainingSection(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0, le=1e3)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    # Where cosine decay ends, as a fraction of lr. The default keeps every round able to embed its
-    # fresh watermark bits; 0 lets a read-out learned from a noised release settle (end-to-end job
-    # without watermarks: 0.806 -> 0.821 mean, EXPERIMENTS.md section 21), but with watermarks on the
-    # last rounds' marks are then set by completion, which costs accuracy (0.77 there).
-    lr_floor: float = Field(0.1, ge=0, le=1)
+    # Where cosine decay ends, as a fraction of lr (`schedule.round_lr`). The default keeps every round
+    # able to embed its fresh watermark bits; 0 lets a read-out learned from a noised release settle
+    # (end-to-end job without watermarks: 0.806 -> 0.821 mean, EXPERIMENTS.md section 21), but with
+    # watermarks on the last rounds' marks are then set by completion, which costs accuracy (0.77 there).
+    lr_floor: float = Field(COSINE_FLOOR, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1e3)
     # Pipelined relay: each batch is sent as this many micro-batches before the data owner waits for

@@ -61,7 +61,7 @@ from clicooper.privacy.label_prior import (
 )
 from clicooper.privacy.labels import generate_secret, load_secret, save_secret_encrypted
 from clicooper.provenance import WatermarkSpec
-from clicooper.schedule import schedule, set_lr
+from clicooper.schedule import set_lr
 from clicooper.seeding import epoch_batches
 from clicooper.transport import InProcTransport, Transport
 from clicooper.transport.messages import Rewind
@@ -640,7 +640,7 @@ def train_centralized(
     opt = make_optimizer(model.parameters(), cfg.training)
     bs = cfg.training.batch_size
     epoch_times, t0, acc = [], time.perf_counter(), float("nan")
-    lr_at = schedule(cfg.training.lr, cfg.training.epochs, cfg.training.lr_schedule, cfg.training.lr_floor)
+    lr_at = lr_schedule(cfg.training) or (lambda _: cfg.training.lr)  # the rate the chain's parties use
     for epoch in range(cfg.training.epochs):
         te = time.perf_counter()
         set_lr(opt, lr_at(epoch))

@@ -15,14 +15,10 @@ from typing import Literal
 
 import torch
 
+from clicooper.config import COSINE_FLOOR  # the default of `training.lr_floor`
+
 LrScheduleKind = Literal["constant", "cosine"]
 RoundLr = Callable[[int], float]
-
-
-# Cosine decay stops at this fraction of the base rate by default (`training.lr_floor`): every round
-# must still be able to embed its fresh watermark bits (a round at a near-zero rate cannot move the
-# weights that carry them).
-COSINE_FLOOR = 0.1
 
 
 def round_lr(base: float, rnd: int, epochs: int, kind: LrScheduleKind, floor: float = COSINE_FLOOR) -> float:
