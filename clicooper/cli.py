@@ -69,12 +69,11 @@ DEMO = {
     "privacy": {"dp": True, "epsilon": 2.0, "delta": 1e-5, "release": "one-shot", "gamma": 2},
     "watermark": {"enabled": True},
 }
-# Quick: a subset large enough to learn from an epsilon = 2 release (class means are estimated
-# from noised samples, to an error that shrinks like 1/sqrt(samples per class)), fewer epochs.
 # The quick demo: 40,000 images, one epoch of head pre-training, five on the release (passes over a
-# one-shot release cost no privacy and about a second each). On 20,000 images with three epochs it
-# ended at 0.77-0.79: the read-out rests on class statistics of the noisy release, and half the
-# samples per class leave them too noisy (EXPERIMENTS.md, section 19).
+# one-shot release cost no privacy and about a second each). The subset must be large enough to learn
+# from an epsilon = 2 release: the read-out rests on class means of noised samples, whose error shrinks
+# like 1/sqrt(samples per class); on 20,000 images with three epochs it ended at 0.77-0.79
+# (EXPERIMENTS.md, section 19).
 QUICK = {
     "data": {"train_subset": 40000, "test_subset": 1000},
     "model": {"head_pretrain_epochs": 1},
