@@ -216,6 +216,20 @@ def test_codebook_is_a_secret_deterministic_partition():
         LabelCodebook.from_secret(b"short", 10, 2)
 
 
+def test_codebook_choices_are_the_documented_prf():
+    """Each sample's choice is HMAC-SHA256(secret, JSON of ("choice", policy, epoch, index)) mod gamma, for
+    any index width, as built once per batch."""
+    from clicooper.privacy.labels import _prf
+
+    cb = LabelCodebook(os.urandom(32), 10, 3)
+    ids = torch.tensor([0, 7, 99, 12345, 10**6])
+    for policy, epoch in (("fixed", 0), ("per-epoch", 11)):
+        expect = [
+            int.from_bytes(_prf(cb._secret, "choice", policy, epoch, int(i))[:8], "big") % 3 for i in ids
+        ]
+        assert cb._choices(ids, policy, epoch).tolist() == expect
+
+
 def test_encode_decode_and_label_policies():
     cb = LabelCodebook.from_secret(generate_secret(), 10, 2)
     n = 400

@@ -99,10 +99,18 @@ class LabelCodebook:
             table = torch.cat([table, torch.full((need - len(table),), -1, dtype=torch.int64)])
         self._tables[key] = table
         missing = ids[table[ids] < 0].unique()
-        for i in missing.tolist():
-            digest = _prf(self._secret, "choice", key[0], key[1], i)
-            table[i] = int.from_bytes(digest[:8], "big") % self.gamma
+        if missing.numel():
+            table[missing] = torch.tensor(self._choice_values(key, missing.tolist()), dtype=torch.int64)
         return table[ids]
+
+    def _choice_values(self, key: tuple[str, int], ids: list[int]) -> list[int]:
+        """`_prf(secret, "choice", *key, i)` reduced mod gamma for each i, with the JSON prefix encoded
+        once (the same bytes `_prf` hashes; a test checks the two agree)."""
+        head = _DOMAIN + b"|" + json.dumps(["choice", *key], separators=(",", ":"))[:-1].encode() + b","
+        return [
+            int.from_bytes(hmac.digest(self._secret, b"%s%d]" % (head, i), "sha256")[:8], "big") % self.gamma
+            for i in ids
+        ]
 
     def encode(
         self, labels: torch.Tensor, sample_ids: torch.Tensor, *, policy: LabelPolicy = "fixed", epoch: int = 0
