@@ -79,6 +79,37 @@ def test_randomizer_is_keyed_and_stable():
         LabelRandomizer(b"short", 10, 1.0)
 
 
+def test_uniform_prior_fast_path_equals_the_general_mechanism():
+    """prior=None skips sorting a uniform prior; the draws must be those of an explicit uniform prior."""
+    rng = np.random.default_rng(3)
+    n, k = 5_000, 10
+    labels, u = torch.from_numpy(rng.integers(0, k, n)), torch.from_numpy(rng.random((n, 2)))
+    for eps in (0.5, 2.0, 8.0):
+        assert torch.equal(
+            rr_with_prior(labels, k, eps, u), rr_with_prior(labels, k, eps, u, torch.full((k,), 0.1))
+        )
+
+
+def test_randomizer_batches_and_relabelled_indices():
+    """A batch draws what one-at-a-time calls draw; an index asked with another label gets that label's
+    own draw without replacing the first release; bad indices are refused."""
+    key, labels, ids = new_label_key(), torch.arange(300) % 7, torch.randperm(300)
+    batched = LabelRandomizer(key, 7, 1.0).privatize(labels[ids], ids)
+    single = LabelRandomizer(key, 7, 1.0)
+    assert torch.equal(batched, torch.cat([single.privatize(labels[i : i + 1], i.reshape(1)) for i in ids]))
+    r = LabelRandomizer(key, 7, 1.0)
+    first = r.privatize(labels[:50], torch.arange(50))
+    other = (labels[:50] + 1) % 7
+    assert torch.equal(
+        r.privatize(other, torch.arange(50)), LabelRandomizer(key, 7, 1.0).privatize(other, torch.arange(50))
+    )
+    assert torch.equal(r.privatize(labels[:50], torch.arange(50)), first)  # the first release stands
+    dup = r.privatize(torch.tensor([3, 3]), torch.tensor([60, 60]))
+    assert dup[0] == dup[1]
+    with pytest.raises(ValueError, match="non-negative"):
+        r.privatize(torch.tensor([1]), torch.tensor([-1]))
+
+
 def test_bounds():
     assert keep_probability(2.0, 10) == pytest.approx(math.exp(2) / (math.exp(2) + 9))
     assert accuracy_bound(2.0, 10) == pytest.approx(keep_probability(2.0, 10))  # RR meets it exactly

@@ -113,7 +113,12 @@ def rr_with_prior(
     u = torch.as_tensor(uniforms, dtype=torch.float64)
     if u.shape != (n, 2) or (n and (u.min() < 0 or u.max() >= 1)):
         raise ValueError(f"uniforms must have shape ({n}, 2) and lie in [0, 1)")
-    order, k = top_k(_priors(prior, n, num_classes), epsilon)
+    if prior is None:  # uniform: every class ties, so the stable order is 0..K-1 and k = K (see top_k)
+        _check_epsilon(epsilon)
+        order = torch.arange(num_classes).expand(n, num_classes)
+        k = torch.full((n,), num_classes, dtype=torch.int64)
+    else:
+        order, k = top_k(_priors(prior, n, num_classes), epsilon)
     rank = torch.argmax((order == labels[:, None]).long(), 1)  # position of y in the sorted classes
     inside = rank < k
     keep = u[:, 0] < 1.0 / (1.0 + (k - 1).double() * math.exp(-epsilon))
@@ -169,7 +174,10 @@ class LabelRandomizer:
         keyed_uniforms(self._key, torch.zeros(0, dtype=torch.long))  # validates the key
         self.num_classes, self.epsilon = int(num_classes), float(epsilon)
         self.prior = prior
-        self._cache: dict[tuple[int, int], int] = {}
+        # The release so far, per dataset index: the noisy label (-1: not released) and the true label
+        # it was drawn for. Tensors, not a dict: a batch's lookup is one indexing op.
+        self._noisy = torch.empty(0, dtype=torch.int64)
+        self._drawn_for = torch.empty(0, dtype=torch.int64)
         self._sample_priors: dict[int, torch.Tensor] = {}  # per dataset index (`set_priors`)
 
     def set_priors(self, ids: torch.Tensor, priors: torch.Tensor) -> None:
@@ -180,11 +188,10 @@ class LabelRandomizer:
         """
         ids = torch.as_tensor(ids).long().reshape(-1)
         p = _priors(priors, len(ids), self.num_classes)
-        released = {i for i, _ in self._cache} & set(ids.tolist())
+        known = ids[ids < len(self._noisy)]
+        released = int((self._noisy[known] >= 0).sum()) if known.numel() else 0
         if released:
-            raise ValueError(
-                f"{len(released)} of these samples' labels were already released without the prior"
-            )
+            raise ValueError(f"{released} of these samples' labels were already released without the prior")
         self._sample_priors.update(zip(ids.tolist(), p, strict=True))
 
     def _prior_for(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -213,13 +220,30 @@ class LabelRandomizer:
         labels, ids = torch.as_tensor(labels).long().reshape(-1), torch.as_tensor(ids).long().reshape(-1)
         if labels.shape != ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and ids {tuple(ids.shape)} differ in shape")
-        pairs = list(zip(ids.tolist(), labels.tolist(), strict=True))
-        todo = [j for j, p in enumerate(pairs) if p not in self._cache]
-        if todo:
-            sel = torch.tensor(todo, dtype=torch.long)
-            prior = self._prior_for(ids[sel])
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError("sample ids must be non-negative dataset indices")
+        need = int(ids.max()) + 1 if ids.numel() else 0
+        if need > len(self._noisy):
+            grow = need - len(self._noisy)
+            self._noisy = torch.cat([self._noisy, torch.full((grow,), -1, dtype=torch.int64)])
+            self._drawn_for = torch.cat([self._drawn_for, torch.full((grow,), -1, dtype=torch.int64)])
+        out = self._noisy[ids]
+        todo = (out < 0) | (self._drawn_for[ids] != labels)
+        if bool(todo.any()):
+            sel = ids[todo]
             noisy = rr_with_prior(
-                labels[sel], self.num_classes, self.epsilon, keyed_uniforms(self._key, ids[sel]), prior
+                labels[todo],
+                self.num_classes,
+                self.epsilon,
+                keyed_uniforms(self._key, sel),
+                self._prior_for(sel),
             )
-            self._cache.update(zip([pairs[j] for j in todo], noisy.tolist(), strict=True))
-        return torch.tensor([self._cache[p] for p in pairs], dtype=torch.long)
+            out[todo] = noisy
+            # First release of an index is kept; an index asked again with another label (a caller's
+            # mistake, or a subset's own numbering) gets its own deterministic draw, not stored.
+            # (The draw is a function of the key, index, label and prior, and an index's prior cannot
+            # change once released, so a recomputed draw equals the first.)
+            fresh = self._noisy[sel] < 0
+            self._noisy[sel[fresh]] = noisy[fresh]
+            self._drawn_for[sel[fresh]] = labels[todo][fresh]
+        return out
