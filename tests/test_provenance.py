@@ -601,3 +601,31 @@ def test_the_embedders_carrier_is_the_verifiers_on_a_subset():
     assert 0 < touched <= 5000 and all(
         p.grad is None for n, p in seg.named_parameters() if n.endswith("bias")
     )
+
+
+@pytest.mark.parametrize("max_weights", [None, 5000])
+def test_direct_regulariser_gradient_is_autograds(max_weights):
+    """What trainers add each step (`add_regulariser_grad`, computed directly) is what back-propagating
+    the regulariser adds, on the whole carrier and on a key subset, on top of gradients already there."""
+    from clicooper.provenance.watermark import WatermarkEmbedder, WatermarkSpec
+
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 50), nn.Conv2d(3, 4, 3))
+    spec = WatermarkSpec(n_bits=64, strength=0.3, fp_bound=1e-6, max_weights=max_weights)
+    emb = WatermarkEmbedder.for_round(
+        spec, new_watermark_key(), nonce=os.urandom(16), identity_fp="0" * 64, prev_digests=[], segment=seg
+    )
+    x = torch.randn(8, 300)
+    seg[:3](x).square().sum().backward()  # the step's own gradient (the conv gets none: grad None)
+    base = {n: None if p.grad is None else p.grad.clone() for n, p in seg.named_parameters()}
+    emb.regulariser(seg).backward()
+    expected = {n: p.grad.clone() if p.grad is not None else None for n, p in seg.named_parameters()}
+    for n, p in seg.named_parameters():
+        p.grad = None if base[n] is None else base[n].clone()
+    emb.add_regulariser_grad(seg)
+    for n, p in seg.named_parameters():
+        if expected[n] is None:
+            assert p.grad is None, n
+        else:
+            assert torch.allclose(p.grad, expected[n], atol=1e-7, rtol=1e-5), n
+    assert not torch.equal(expected["0.weight"], base["0.weight"])  # the regulariser did contribute

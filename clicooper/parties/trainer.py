@@ -45,7 +45,7 @@ class TrainerHooks(Protocol):
 
     def registration(self) -> dict: ...
     def open_round(self, rnd: int, nonce: bytes, links: list[str], segment: nn.Module) -> None: ...
-    def regulariser(self, segment: nn.Module) -> torch.Tensor | None: ...
+    def add_regulariser_grad(self, segment: nn.Module) -> None: ...
     def observe(self, neighbour: str, direction: str, rnd: int, step: int, tensor: torch.Tensor) -> None: ...
     def seal(self, segment: nn.Module, rnd: int, steps: int, samples: int) -> tuple[str, str]: ...
     def state_dict(self) -> dict: ...
@@ -285,14 +285,12 @@ class Trainer(Party):
         unpipelined) and steps at its last."""
         step = key[:2]
         acc = self._steps[step]
-        tensors, grads = [out], [grad_out]
-        if acc.backwarded == 0:
+        first = acc.backwarded == 0
+        if first:
             self.optimizer.zero_grad(set_to_none=True)
-            reg = self.hooks.regulariser(self.segment) if self.hooks is not None else None
-            if reg is not None:
-                tensors.append(reg)
-                grads.append(None)
-        torch.autograd.backward(tensors, grads)
+        torch.autograd.backward([out], [grad_out])
+        if first and self.hooks is not None:
+            self.hooks.add_regulariser_grad(self.segment)
         acc.backwarded += 1
         if acc.backwarded == acc.micros:
             self.optimizer.step()

@@ -68,12 +68,12 @@ class StageProvenance:
         self.hashers = _link_hashers()
 
     # -- TrainerHooks -----------------------------------------------------
-    def regulariser(self, segment: nn.Module) -> torch.Tensor | None:
+    def add_regulariser_grad(self, segment: nn.Module) -> None:
         if self.embedder is None:
             raise RuntimeError(
                 f"trainer at position {self.position}: training before the verifier opened the round"
             )
-        return self.embedder.regulariser(segment)
+        self.embedder.add_regulariser_grad(segment)
 
     def observe(self, neighbour: str, direction: str, rnd: int, step: int, tensor: torch.Tensor) -> None:
         side = "prev" if neighbour == self.prev else "next"

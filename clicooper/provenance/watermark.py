@@ -455,6 +455,35 @@ class WatermarkEmbedder:
         """`strength * loss`: add to the trainer's local loss each step."""
         return self.spec.strength * self.loss(segment)
 
+    def add_regulariser_grad(self, segment: nn.Module) -> None:
+        """Add what back-propagating `regulariser` would add to the carrier kernels' `.grad`:
+        `strength * X^T (sigmoid(X w) - b) / n_bits`, computed directly. Autograd took about twice
+        as long (gathering the carrier, a graph, and a zero-filled gradient of every selected kernel
+        to scatter into); this reads X twice and touches only the carrier's weights."""
+        named = select_weights(segment, self.spec.layers)
+        with torch.no_grad():
+            w = self._w(segment)
+            g = (torch.sigmoid(self.X @ w) - self.bits.to(w.device)) @ self.X
+            g.mul_(self.spec.strength / self.spec.n_bits)
+            params = [t for _, t in named]
+            if self._idx is None:
+                parts = [(i, None) for i in range(len(params))]
+            else:
+                parts = list(self._per_tensor([t.numel() for t in params]))
+            offset = 0
+            for i, local in parts:
+                p = params[i]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                flat = p.grad.view(-1)
+                n = flat.numel() if local is None else local.numel()
+                part = g[offset : offset + n].to(flat.dtype)
+                if local is None:
+                    flat.add_(part)
+                else:
+                    flat.index_add_(0, local.to(flat.device), part)
+                offset += n
+
     def extract(self, segment: Segment) -> torch.Tensor:
         return extract_bits(self._w(segment), self.X)
 
