@@ -188,6 +188,8 @@ class LabelRandomizer:
         """
         ids = torch.as_tensor(ids).long().reshape(-1)
         p = _priors(priors, len(ids), self.num_classes)
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError("sample ids must be non-negative dataset indices")
         known = ids[ids < len(self._noisy)]
         released = int((self._noisy[known] >= 0).sum()) if known.numel() else 0
         if released:
