@@ -629,3 +629,9 @@ def test_direct_regulariser_gradient_is_autograds(max_weights):
         else:
             assert torch.allclose(p.grad, expected[n], atol=1e-7, rtol=1e-5), n
     assert not torch.equal(expected["0.weight"], base["0.weight"])  # the regulariser did contribute
+    # a gradient held in another memory layout is read and written in the carrier's (row-major) order
+    for p in seg.parameters():
+        p.grad = None
+    seg[3].weight.grad = torch.zeros_like(seg[3].weight).to(memory_format=torch.channels_last)
+    emb.add_regulariser_grad(seg)
+    assert torch.allclose(seg[3].weight.grad, expected["3.weight"], atol=1e-7, rtol=1e-5)
