@@ -28,6 +28,8 @@ import os
 import numpy as np
 import torch
 
+from clicooper.privacy.labels import check_sample_ids, covering
+
 _DOMAIN = b"clicooper/label-dp/rr-with-prior/v1"
 KEY_BYTES = 32
 
@@ -188,8 +190,7 @@ class LabelRandomizer:
         """
         ids = torch.as_tensor(ids).long().reshape(-1)
         p = _priors(priors, len(ids), self.num_classes)
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError("sample ids must be non-negative dataset indices")
+        check_sample_ids(ids)
         known = ids[ids < len(self._noisy)]
         released = int((self._noisy[known] >= 0).sum()) if known.numel() else 0
         if released:
@@ -222,13 +223,8 @@ class LabelRandomizer:
         labels, ids = torch.as_tensor(labels).long().reshape(-1), torch.as_tensor(ids).long().reshape(-1)
         if labels.shape != ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and ids {tuple(ids.shape)} differ in shape")
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError("sample ids must be non-negative dataset indices")
-        need = int(ids.max()) + 1 if ids.numel() else 0
-        if need > len(self._noisy):
-            grow = need - len(self._noisy)
-            self._noisy = torch.cat([self._noisy, torch.full((grow,), -1, dtype=torch.int64)])
-            self._drawn_for = torch.cat([self._drawn_for, torch.full((grow,), -1, dtype=torch.int64)])
+        check_sample_ids(ids)
+        self._noisy, self._drawn_for = covering(self._noisy, ids), covering(self._drawn_for, ids)
         out = self._noisy[ids]
         todo = (out < 0) | (self._drawn_for[ids] != labels)
         if bool(todo.any()):

@@ -44,6 +44,21 @@ def _prf(secret: bytes, *parts: object) -> bytes:
     return hmac.digest(secret, msg, "sha256")
 
 
+def check_sample_ids(ids: torch.Tensor) -> None:
+    """Sample ids index the training set: refuse negative ones (they would index tables from the end)."""
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("sample ids must be non-negative dataset indices")
+
+
+def covering(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`table` (int64 per sample id, -1 = not computed yet), extended with -1 so that every id in
+    `ids` indexes it: the per-sample caches grow with the largest id seen, not with the dataset."""
+    need = int(ids.max()) + 1 if ids.numel() else 0
+    if need <= len(table):
+        return table
+    return torch.cat([table, torch.full((need - len(table),), -1, dtype=torch.int64)])
+
+
 class LabelCodebook:
     """The data owner's secret map between true classes and groups of pseudo-labels.
 
@@ -94,10 +109,7 @@ class LabelCodebook:
             if key[0] == "per-epoch":  # drop earlier epochs' tables
                 self._tables = {k: v for k, v in self._tables.items() if k[0] != "per-epoch"}
             table = torch.empty(0, dtype=torch.int64)
-        need = int(ids.max()) + 1 if ids.numel() else 0
-        if need > len(table):
-            table = torch.cat([table, torch.full((need - len(table),), -1, dtype=torch.int64)])
-        self._tables[key] = table
+        table = self._tables[key] = covering(table, ids)
         missing = ids[table[ids] < 0].unique()
         if missing.numel():
             table[missing] = torch.tensor(self._choice_values(key, missing.tolist()), dtype=torch.int64)
@@ -133,8 +145,7 @@ class LabelCodebook:
         labels, sample_ids = labels.long().cpu(), sample_ids.long().cpu()
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
-        if sample_ids.numel() and int(sample_ids.min()) < 0:
-            raise ValueError("sample ids must be non-negative dataset indices")
+        check_sample_ids(sample_ids)
         if self.gamma == 1:
             return self.perm[labels]
         return self.groups()[labels, self._choices(sample_ids, policy, epoch)]
