@@ -160,6 +160,9 @@ def serve(
         t.addresses.update(read_peers(peers))
         if role == "trainer":
             party.register_with_verifier()
+        # a trainer rewound since it started has nothing to announce
+        if party.awaiting_rewind if role == "trainer" else party.incarnation > 1:
+            _announce_restart(party, t)
         _say("SERVING", stdout)
         log.info("%s: serving job %s at %s", keys.name, manifest.job_id, t.addresses[keys.name])
         while not stop.wait(0.2):
@@ -173,6 +176,33 @@ def serve(
         _final_verdict(party, run_dir, stdout)
     log.info("%s: stopped", keys.name)
     return 1 if t.aborts else 0
+
+
+def _announce_restart(party, transport) -> None:
+    """Tell the data owner, from a background thread, that this party was started again over its
+    folder. What it had accepted before it died but not finished (a frame acknowledged, then lost
+    with the process) is never answered, and the data owner would wait for it; the announcement, an
+    `Abort` like any other failure report, makes the data owner rewind the job instead. Best effort
+    and never in the way: a data owner that cannot be reached (the job over) costs only the
+    thread's connection attempts, and the data owner's receive timeout still bounds its wait."""
+    from clicooper.transport.base import TransportError
+    from clicooper.transport.messages import Abort, Header
+
+    name, do = party.name, party.data_owner
+    msg = Abort(
+        header=Header(party.job_id, name, do, 0, 0, 0),
+        reason=f"{name} was restarted (start {party.incarnation}) and lost any step in flight",
+    )
+
+    def send() -> None:
+        try:
+            transport.send(msg)
+        except TransportError as e:
+            log.warning("%s: could not tell %s it was restarted: %s", name, do, e)
+        else:
+            log.info("%s: told %s it was restarted", name, do)
+
+    threading.Thread(target=send, name=f"announce-restart-{name}", daemon=True).start()
 
 
 def _final_verdict(verifier, run_dir: Path, stdout: TextIO | None) -> None:
@@ -191,6 +221,12 @@ def _final_verdict(verifier, run_dir: Path, stdout: TextIO | None) -> None:
     _say(f"VERDICT {'VERIFIED' if verdict.ok else 'REJECTED'}", stdout)
     for f in verdict.failures:
         log.error("verifier: %s", f)
+
+
+def _drop_stale(t) -> None:
+    stale = t.drain(DATA_OWNER)
+    if stale:
+        log.info("data owner: dropped %d stale message(s)", len(stale))
 
 
 def run_data_owner(
@@ -244,6 +280,9 @@ def run_data_owner(
             save_state(initial, *job.data_owner.state())
         _say(f"READY {t.addresses[DATA_OWNER]}", stdout)
         t.addresses.update(read_peers(peers))
+        # restarted parties announce themselves as they start; announcements that arrived before
+        # the job (re)starts are old news that the first round, or the resume's rewind, covers
+        _drop_stale(t)
         failures = 0
         while True:
             try:
@@ -262,9 +301,7 @@ def run_data_owner(
                     recoveries,
                 )
                 time.sleep(pause)
-                stale = t.drain(DATA_OWNER)
-                if stale:
-                    log.info("data owner: dropped %d stale message(s)", len(stale))
+                _drop_stale(t)
                 if not saved_rounds(run_dir / DATA_OWNER):
                     job.data_owner.load(initial)
         _say("SUMMARY " + json.dumps(summary.to_json()), stdout)

@@ -19,7 +19,7 @@ from clicooper.build import build_verifier
 from clicooper.checkpoint import load_state, round_prefix
 from clicooper.config import parse_config
 from clicooper.job import ChainJob, prepare_data
-from clicooper.launch import launch_local
+from clicooper.launch import LaunchError, launch_local
 from clicooper.manifest import JobManifest, ManifestError, PartyKeys, make_job
 from clicooper.parties import ProtocolError, verify_run
 from clicooper.parties.verifier import LOG_FILE
@@ -234,9 +234,14 @@ def _launch_and_kill_trainer_2_in_round_2(manifest_path, run):
     """Launch the job as separate processes, kill -9 trainer_2 shortly after round 1 completes (the
     launcher starts it again), and return the launch result and each party's log."""
     out: dict = {}
-    th = threading.Thread(
-        target=lambda: out.update(r=launch_local(manifest_path, run_dir=run, job_timeout=JOB_TIMEOUT))
-    )
+
+    def launch() -> None:
+        try:
+            out["r"] = launch_local(manifest_path, run_dir=run, job_timeout=JOB_TIMEOUT)
+        except LaunchError as e:
+            out["error"] = e
+
+    th = threading.Thread(target=launch)
     th.start()
     deadline = time.monotonic() + JOB_TIMEOUT / 2
     while not (run / "data_owner" / "round_0000.json").exists():
@@ -247,10 +252,53 @@ def _launch_and_kill_trainer_2_in_round_2(manifest_path, run):
     th.join(timeout=JOB_TIMEOUT + 40)
     assert not th.is_alive()
     logs = {p.stem: p.read_text() for p in (run / "logs").glob("*.log")}
+    assert "r" in out, (out.get("error"), {name: text[-2000:] for name, text in logs.items()})
     assert out["r"].ok, (out["r"], logs["data_owner"][-3000:])
     assert logs["trainer_2"].count("READY") == 2  # started again
     assert "resuming from the last completed round" in logs["data_owner"]
     return out["r"], logs
+
+
+def test_a_restarted_trainer_tells_the_data_owner(tmp_path):
+    """A trainer killed after acknowledging a frame loses it with its process, and nobody else sees
+    a failure: the data owner would wait for the reply. Started again over its folder, the trainer
+    tells the data owner (an Abort, which makes it rewind the job). Here the test is the data owner,
+    and trainer_2's folder says it ran before."""
+    import subprocess
+    import sys
+
+    from clicooper.transport.grpc import RemoteAbort
+
+    manifest, _ = _make(_cfg(), tmp_path / "keys")
+    do_keys = PartyKeys.load(tmp_path / "keys" / "data_owner", manifest)
+    do = GrpcTransport(
+        manifest.roster(), {"data_owner": "127.0.0.1:0"}, tls={"data_owner": do_keys.tls}, options=FAST
+    )
+    do.register("data_owner", None)
+    (tmp_path / "run" / "trainer_2").mkdir(parents=True)
+    (tmp_path / "run" / "trainer_2" / "incarnation").write_text("1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clicooper", "serve", "trainer", str(tmp_path / "keys" / "manifest.json")]
+        + ["--identity", str(tmp_path / "keys" / "trainer_2"), "--run-dir", str(tmp_path / "run")]
+        + ["--listen", "127.0.0.1:0", "--peers", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert proc.stdout.readline().startswith("READY")
+        proc.stdin.write(json.dumps({"data_owner": do.addresses["data_owner"]}) + "\n")
+        proc.stdin.flush()
+        with pytest.raises(RemoteAbort, match="trainer_2 was restarted"):
+            do.receive("data_owner", timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        do.close()
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 120)

@@ -161,8 +161,9 @@ class Rewind(Message):
 @dataclass(frozen=True)
 class Abort(Message):
     """A party failed or refused a message and stops: the reason travels to the data owner, which
-    drives the job (and from it to the others). Networked transports send it when a handler raises;
-    a pulling party's `receive` raises it as an error instead of returning it."""
+    drives the job (and from it to the others). Networked transports send it when a handler raises,
+    and a party started again over its folder sends one to say it lost any step in flight; a
+    pulling party's `receive` raises it as an error instead of returning it."""
 
     KIND: ClassVar[str] = "abort"
     reason: str = ""
