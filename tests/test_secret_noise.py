@@ -86,8 +86,9 @@ def test_resume_resends_the_saved_release_and_a_lost_one_is_counted(digits, tmp_
 
 def test_the_secure_sampler_is_standard_normal_and_never_repeats():
     """The keystream sampler's draws: mean 0, variance 1 and kurtosis 3 within 6 standard errors,
-    a Kolmogorov-Smirnov test against N(0, 1) far from rejection, and two calls that share nothing
-    (a fresh key per call). Each bound fails for a correct sampler with probability below 1e-8."""
+    a Kolmogorov-Smirnov test against N(0, 1) far from rejection, no value of the first block again
+    in the later ones (they continue one keystream), and two calls that share nothing (a fresh key
+    per call). Each bound fails for a correct sampler with probability below 1e-8."""
     from scipy import stats
 
     from clicooper.privacy.secure_noise import secure_normal_like, secure_standard_normal
@@ -103,6 +104,9 @@ def test_the_secure_sampler_is_standard_normal_and_never_repeats():
     w = secure_standard_normal(n)
     assert abs(float(torch.corrcoef(torch.stack([z, w]))[0, 1])) < 6 * se
     assert not bool(torch.isin(z[:1000], w).any())
+    assert not bool(torch.isin(z[:100], z[100:]).any())  # its blocks continue one keystream
+    scaled = secure_standard_normal(n, 3.0, torch.float32)
+    assert scaled.dtype == torch.float32 and abs(float(scaled.std()) - 3.0) < 6 * 3.0 * math.sqrt(2) * se
     noise = secure_normal_like(torch.zeros(4, 3, dtype=torch.float16), 2.0)
     assert noise.shape == (4, 3) and noise.dtype == torch.float16
     assert secure_standard_normal(0).shape == (0,)
