@@ -26,7 +26,7 @@ import os
 from concurrent.futures import Future
 
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
 from clicooper.background import submit
 
@@ -38,26 +38,27 @@ _MASK_53 = (1 << 53) - 1
 _CHUNK = 1 << 16  # values per block: the float64 temporaries of one block stay in cache
 
 
-def _keystream():
+def _keystream() -> CipherContext:
     """A ChaCha20 encryptor keyed by fresh OS entropy, for one call only."""
     return Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
 
 
-def _random_words(stream, n: int) -> torch.Tensor:
+def _random_words(stream: CipherContext, n: int) -> torch.Tensor:
     """The next n uniformly random 64-bit words of `stream`."""
     buf = bytearray(8 * n)
     stream.update_into(buf, buf)  # keystream XOR zeros, in place: the keystream itself
     return torch.frombuffer(buf, dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
 
 
-def _uniform_open(stream, n: int) -> torch.Tensor:
+def _uniform_open(stream: CipherContext, n: int) -> torch.Tensor:
     """n uniforms in (0, 1] (float64), each from 53 random bits (torch has no unsigned 64-bit
     shift, so the sign-extended bits of the arithmetic shift are masked off)."""
     top53 = (_random_words(stream, n) >> 11) & _MASK_53
     return (top53.to(torch.float64) + 1.0) * _INV_2_53
 
 
-def _box_muller(stream, n: int) -> torch.Tensor:
+def _box_muller(stream: CipherContext, n: int) -> torch.Tensor:
+    """n standard normals (float64) from the next uniforms of `stream`."""
     pairs = (n + 1) // 2
     u = _uniform_open(stream, 2 * pairs)
     r = torch.sqrt(-2.0 * torch.log(u[:pairs]))
