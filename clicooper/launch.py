@@ -84,12 +84,15 @@ def _drain(child: _Child, log_file) -> None:
     child.lines.put(None)
 
 
+_PROGRAM = [sys.executable, "-m", "clicooper"]  # what every party runs (tests put a stand-in here)
+
+
 def _start(name: str, args: list[str], logs: Path) -> _Child:
     logs.mkdir(parents=True, exist_ok=True)
     log_file = (logs / f"{name}.log").open("a")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clicooper", *args],
+        [*_PROGRAM, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=log_file,
@@ -252,9 +255,24 @@ def _supervise(
             new = _start(c.name, args, logs)
             servers[i] = new
             children[children.index(c)] = new
-            new.expect("READY", start_timeout)
-            _send_book(new, book)
-            new.expect("SERVING", start_timeout)
+            try:
+                new.expect("READY", start_timeout)
+                _send_book(new, book)
+                new.expect("SERVING", start_timeout)
+            except (LaunchError, OSError):
+                if not _exited(new.proc):
+                    raise
+                # it died again while starting: the next pass starts it again (within max_restarts)
+
+
+def _exited(proc: subprocess.Popen, grace: float = 5.0) -> bool:
+    """Whether `proc` has exited, waiting up to `grace` seconds (one whose output just ended may not
+    have been reaped yet)."""
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _read_json(path: Path) -> dict | None:
