@@ -160,8 +160,9 @@ def serve(
         t.addresses.update(read_peers(peers))
         if role == "trainer":
             party.register_with_verifier()
-        # a trainer rewound since it started has nothing to announce
-        if party.awaiting_rewind if role == "trainer" else party.incarnation > 1:
+        # started before over this folder (a trainer already rewound since has nothing to announce)
+        restarted = party.awaiting_rewind if role == "trainer" else party.incarnation > 1
+        if restarted:
             _announce_restart(party, t)
         _say("SERVING", stdout)
         log.info("%s: serving job %s at %s", keys.name, manifest.job_id, t.addresses[keys.name])
