@@ -186,24 +186,13 @@ def _announce_restart(party, transport) -> None:
     `Abort` like any other failure report, makes the data owner rewind the job instead. Best effort
     and never in the way: a data owner that cannot be reached (the job over) costs only the
     thread's connection attempts, and the data owner's receive timeout still bounds its wait."""
-    from clicooper.transport.base import TransportError
-    from clicooper.transport.messages import Abort, Header
-
-    name, do = party.name, party.data_owner
-    msg = Abort(
-        header=Header(party.job_id, name, do, 0, 0, 0),
-        reason=f"{name} was restarted (start {party.incarnation}) and lost any step in flight",
-    )
+    reason = f"{party.name} was restarted (start {party.incarnation}) and lost any step in flight"
 
     def send() -> None:
-        try:
-            transport.send(msg)
-        except TransportError as e:
-            log.warning("%s: could not tell %s it was restarted: %s", name, do, e)
-        else:
-            log.info("%s: told %s it was restarted", name, do)
+        if transport.report(party.name, reason):
+            log.info("%s: told %s it was restarted", party.name, party.data_owner)
 
-    threading.Thread(target=send, name=f"announce-restart-{name}", daemon=True).start()
+    threading.Thread(target=send, name=f"announce-restart-{party.name}", daemon=True).start()
 
 
 def _final_verdict(verifier, run_dir: Path, stdout: TextIO | None) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -230,6 +232,21 @@ def test_manifest_is_public_and_checked(tmp_path):
         JobManifest.load(tmp_path / "bad.json")
 
 
+def _serve_trainer_2(job_dir, run_dir, *extra: str) -> subprocess.Popen:
+    """`clicooper serve trainer` for trainer_2 of the job in `job_dir`, as its own process, listening
+    on a free loopback port (text pipes for stdin, stdout and stderr)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "clicooper", "serve", "trainer", str(job_dir / "manifest.json")]
+        + ["--identity", str(job_dir / "trainer_2"), "--run-dir", str(run_dir)]
+        + ["--listen", "127.0.0.1:0", *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def _launch_and_kill_trainer_2_in_round_2(manifest_path, run):
     """Launch the job as separate processes, kill -9 trainer_2 shortly after round 1 completes (the
     launcher starts it again), and return the launch result and each party's log."""
@@ -264,9 +281,6 @@ def test_a_restarted_trainer_tells_the_data_owner(tmp_path):
     a failure: the data owner would wait for the reply. Started again over its folder, the trainer
     tells the data owner (an Abort, which makes it rewind the job). Here the test is the data owner,
     and trainer_2's folder says it ran before."""
-    import subprocess
-    import sys
-
     from clicooper.transport.grpc import RemoteAbort
 
     manifest, _ = _make(_cfg(), tmp_path / "keys")
@@ -277,16 +291,7 @@ def test_a_restarted_trainer_tells_the_data_owner(tmp_path):
     do.register("data_owner", None)
     (tmp_path / "run" / "trainer_2").mkdir(parents=True)
     (tmp_path / "run" / "trainer_2" / "incarnation").write_text("1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clicooper", "serve", "trainer", str(tmp_path / "keys" / "manifest.json")]
-        + ["--identity", str(tmp_path / "keys" / "trainer_2"), "--run-dir", str(tmp_path / "run")]
-        + ["--listen", "127.0.0.1:0", "--peers", "-"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _serve_trainer_2(tmp_path / "keys", tmp_path / "run", "--peers", "-")
     try:
         assert proc.stdout.readline().startswith("READY")
         proc.stdin.write(json.dumps({"data_owner": do.addresses["data_owner"]}) + "\n")
@@ -327,9 +332,6 @@ def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
 def test_keys_job_command_and_a_served_party_stops_cleanly_on_sigterm(tmp_path):
     """`clicooper keys --job` writes the manifest and identity folders (never over existing keys);
     `clicooper serve trainer` prints its readiness line, and SIGTERM stops it with exit code 0."""
-    import subprocess
-    import sys
-
     from typer.testing import CliRunner
 
     from clicooper.cli import EXIT_USAGE, app
@@ -352,15 +354,7 @@ def test_keys_job_command_and_a_served_party_stops_cleanly_on_sigterm(tmp_path):
     assert r.exit_code == EXIT_USAGE and "refusing to overwrite" in r.output
     r = runner.invoke(app, ["keys"])
     assert r.exit_code == EXIT_USAGE
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clicooper", "serve", "trainer", str(tmp_path / "job" / "manifest.json")]
-        + ["--identity", str(tmp_path / "job" / "trainer_2"), "--run-dir", str(tmp_path / "run")]
-        + ["--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _serve_trainer_2(tmp_path / "job", tmp_path / "run")
     try:
         line = proc.stdout.readline().split()
         assert line[:1] == ["READY"] and line[1].startswith("127.0.0.1:"), line

@@ -435,19 +435,21 @@ class GrpcTransport(Transport):
                 log.error("%s", reason)
                 with self._lock:
                     self.handler_errors.append(reason)
-                self._report(party, msg.header, reason)
+                self.report(party, reason, msg.header)
 
-    def _report(self, party: str, about: Header, reason: str) -> None:
-        """Send an Abort to the data owner (best effort: a failure to report is logged)."""
+    def report(self, party: str, reason: str, about: Header | None = None) -> bool:
+        """Send an Abort from hosted `party` to the data owner, naming the round and step of `about`
+        (best effort: a failure to report is logged). Whether it was delivered."""
         do = self.roster.data_owner
         if party == do or self._closed:
-            return
+            return False
+        rnd, step = (about.round, about.step) if about is not None else (0, 0)
         try:
-            self.send(
-                Abort(header=Header(self.roster.job_id, party, do, about.round, about.step, 0), reason=reason)
-            )
+            self.send(Abort(header=Header(self.roster.job_id, party, do, rnd, step, 0), reason=reason))
         except TransportError as e:
-            log.error("%s: could not report its failure to %s: %s", party, do, e)
+            log.error("%s: could not report to %s: %s", party, do, e)
+            return False
+        return True
 
     # -- sending and receiving -----------------------------------------------
     def send(self, msg: Message) -> None:
