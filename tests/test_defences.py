@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from clicooper.job import ChainJob
 from clicooper.privacy import BudgetExceeded
@@ -87,3 +88,42 @@ def test_u_shaped_keeps_labels_home(digits):
     assert not any(isinstance(m, Targets) for m in sent)
     assert any(isinstance(m, Output) and m.train for m in sent)
     assert s.test_accuracy > 0.3
+
+
+@pytest.mark.parametrize(
+    "training",
+    [{"micro_batches": 1}, {"sampling": "poisson", "micro_batches": 2}],
+    ids=["shuffle", "poisson"],
+)
+def test_targets_encoded_per_round_equal_per_batch_encoding(digits, tmp_path, training):
+    """The data owner encodes a round's targets in one call (label DP and expansion, per-epoch
+    choices); every batch must get what encoding that batch alone gives, with the same secrets."""
+    from clicooper.job import build_defence
+    from clicooper.seeding import epoch_batches
+
+    cfg = tiny_config(
+        privacy={"label_epsilon": 1.0, "gamma": 3, "label_policy": "per-epoch"},
+        training={**training, "epochs": 2},
+        data={"train_subset": 300},
+    )
+    job = ChainJob(cfg, digits, tmp_path)
+    data = job.data_owner.data
+    tapped = _tap(job)
+    job.run()
+    sent = [m for m in tapped if isinstance(m, Targets) and m.header.receiver == "trainer_3"]
+    alone = build_defence(cfg, data, tmp_path)  # the same codebook secret and label-DP key, fresh caches
+    poisson = training.get("sampling") == "poisson"
+    parts = [
+        (rnd, part)
+        for rnd in range(2)
+        for ids in epoch_batches(cfg.job.seed, rnd, len(data.train_y), 32, poisson=poisson)
+        for part in torch.tensor_split(ids, min(training["micro_batches"], len(ids)))
+        if len(part)
+    ]
+    got = [m.labels for m in sent]
+    assert len(got) == len(parts) > 10
+    for labels, (rnd, part) in zip(got, parts, strict=True):
+        assert torch.equal(labels, alone.encode_labels(data.train_y[part], part, rnd))
+    # the round matters (per-epoch choices): the second round's targets are not the first round's draws
+    later = [(labels, part) for labels, (rnd, part) in zip(got, parts, strict=True) if rnd == 1]
+    assert any(not torch.equal(y, alone.encode_labels(data.train_y[p], p, 0)) for y, p in later)

@@ -99,6 +99,7 @@ class DataOwner(Party):
         self.rounds_done = 0
         self.last_round_steps = 0
         self._released: torch.Tensor | None = None  # one-shot release cache
+        self._targets = torch.empty(0, dtype=torch.int64)  # this round's targets by sample id
         with torch.no_grad():
             self.activation_shape = tuple(head.eval()(data.train_x[:1]).shape[1:])
         transport.register(name, None)
@@ -121,10 +122,17 @@ class DataOwner(Party):
             )
         return msg
 
-    def _encode_labels(self, y: torch.Tensor, ids: torch.Tensor, rnd: int) -> torch.Tensor:
-        if self.tail is not None:
-            return y  # U-shaped: labels stay here
-        return self.defence.encode_labels(y, ids, rnd) if self.defence else y
+    def _round_targets(self, batches: list[torch.Tensor], rnd: int) -> torch.Tensor:
+        """The targets the last trainer gets in round `rnd`, by sample id (-1 for samples not in the
+        round), encoded in one call. Label DP and label expansion draw each sample's value from keyed
+        hashes of its index, label and round, so one call for the round gives every batch what a call
+        per batch would, without a call's fixed cost on every step (BENCHMARKS.md)."""
+        table = torch.full((len(self.data.train_y),), -1, dtype=torch.int64)
+        ids = torch.cat(batches).unique() if batches else table[:0]
+        if ids.numel():
+            y = self.data.train_y[ids]
+            table[ids] = self.defence.encode_labels(y, ids, rnd) if self.defence else y
+        return table
 
     def _loss_labels(self, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """U-shaped: the labels of the data owner's own loss, through label DP when it is on (the
@@ -173,6 +181,8 @@ class DataOwner(Party):
         one_shot = self.defence is not None and self.defence.one_shot
         released_all = self._one_shot_release() if one_shot else None
         batches = epoch_batches(self.seed, rnd, len(self.data.train_x), self.batch_size, poisson=self.poisson)
+        if self.tail is None:  # U-shaped: the labels stay here
+            self._targets = self._round_targets(batches, rnd)
         n_steps = len(batches)
         losses, samples = [], 0
         self.head.train(not one_shot)
@@ -212,7 +222,7 @@ class DataOwner(Party):
         y = self.data.train_y[ids]
         a_rel = self._release(ids, released_all)
         if self.tail is None:
-            self.send(Targets, self.last, rnd, step, labels=self._encode_labels(y, ids, rnd))
+            self.send(Targets, self.last, rnd, step, labels=self._targets[ids])
         self.send(Forward, self.first, rnd, step, activation=a_rel.detach(), train=True)
         if self.tail is not None:
             self._tail_step(rnd, step, self._loss_labels(y, ids))
@@ -233,8 +243,7 @@ class DataOwner(Party):
         released = []
         for m, cids in enumerate(chunks):
             a_rel = self._release(cids, released_all)
-            labels = self._encode_labels(self.data.train_y[cids], cids, rnd)
-            self.send(Targets, self.last, rnd, step, labels=labels, micro=m, batch_rows=len(ids))
+            self.send(Targets, self.last, rnd, step, labels=self._targets[cids], micro=m, batch_rows=len(ids))
             self.send(
                 Forward,
                 self.first,
