@@ -1,9 +1,10 @@
 """One background thread per process, for work that can overlap a party's training step.
 
-Two protections do work that no step waits for: hashing each relayed tensor into the provenance
-transcript (about 7 ms a step on the default job) and drawing the next step's secure DP noise
-(about 4 ms). Both are C code that releases the GIL (hashlib on buffers over 2 KB, ChaCha20 and
-torch kernels), so a thread runs them beside torch's own. One thread per process keeps the work
+Protections do work that no step waits for: hashing each relayed tensor into the provenance
+transcript (about 7 ms a step on the default job), drawing the next step's secure DP noise
+(about 9 ms) and computing the next step's watermark regulariser gradient (about 1 ms). All are
+C code that releases the GIL (hashlib on buffers over 2 KB, ChaCha20 and torch kernels), so a
+thread runs them beside torch's own. One thread per process keeps the work
 in submission order, which the transcript's hash chains need, and adds one busy thread at most.
 It pays where a core is free (one torch thread per party on a 2-core machine); on a saturated
 machine it only moves the work.

@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -635,3 +636,64 @@ def test_direct_regulariser_gradient_is_autograds(max_weights):
     seg[3].weight.grad = torch.zeros_like(seg[3].weight).to(memory_format=torch.channels_last)
     emb.add_regulariser_grad(seg)
     assert torch.allclose(seg[3].weight.grad, expected["3.weight"], atol=1e-7, rtol=1e-5)
+
+
+def test_regulariser_gradient_computed_ahead_is_used_only_for_unchanged_weights():
+    """Trainers start the next step's regulariser gradient on the background thread after each optimiser
+    step; the gradient added must always be that of the weights at the time it is added."""
+    from clicooper.provenance.identity import Identity
+    from clicooper.provenance.stage import StageProvenance
+    from clicooper.provenance.watermark import WatermarkSpec
+
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 50))
+    hooks = StageProvenance(
+        identity=Identity.generate("trainer_1"),
+        wm_key=new_watermark_key(),
+        spec=WatermarkSpec(n_bits=64, strength=0.3, fp_bound=1e-6, max_weights=5000),
+        job_id="j",
+        position=1,
+        prev="data_owner",
+        next=None,
+        n_positions=1,
+    )
+    hooks.open_round(0, os.urandom(16), [], seg)
+    emb = hooks.embedder
+    on_main: list[str] = []  # regulariser gradients computed on the trainer's own thread
+    compute = emb.regulariser_grad
+
+    def counted(segment, tag="round 0"):
+        if threading.current_thread() is threading.main_thread():
+            on_main.append(tag)
+        return compute(segment)
+
+    emb.regulariser_grad = counted
+
+    def added() -> dict[str, torch.Tensor]:
+        for p in seg.parameters():
+            p.grad = None
+        hooks.add_regulariser_grad(seg)
+        return {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
+
+    def expected() -> dict[str, torch.Tensor]:
+        for p in seg.parameters():
+            p.grad = None
+        emb.add_regulariser_grad(seg, compute(seg))
+        return {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
+
+    hooks.prepare_regulariser_grad(seg)  # weights unchanged until the next step: the result is used
+    got = added()
+    assert on_main == [] and got.keys() == expected().keys()
+    assert all(torch.equal(got[n], g) for n, g in expected().items())
+    hooks.prepare_regulariser_grad(seg)
+    with torch.no_grad():
+        seg[2].weight.mul_(3.0)  # an in-place write after it was started (as a rewind or completion does)
+    got = added()
+    assert on_main == ["round 0"]  # stale: computed again from the weights as they are now
+    assert all(torch.equal(got[n], g) for n, g in expected().items())
+    assert added() and on_main == ["round 0"] * 2  # nothing prepared: computed now
+    hooks.prepare_regulariser_grad(seg)
+    hooks.open_round(1, os.urandom(16), [], seg)  # a new round's mark: the old one's gradient is dropped
+    hooks.embedder.regulariser_grad = lambda segment: counted(segment, "round 1")
+    added()
+    assert on_main[-1] == "round 1"

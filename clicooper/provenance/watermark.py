@@ -415,9 +415,9 @@ class WatermarkEmbedder:
         every kernel first and then subsetting cost a full pass over a large segment forward and three
         backward (trainer 3 of the default job: 402,688 weights for an 8,192-weight carrier), on
         every training step."""
-        return self._gather(self._kernels(segment))
+        return self._gather(self.kernels(segment))
 
-    def _kernels(self, segment: Segment) -> list[torch.Tensor]:
+    def kernels(self, segment: Segment) -> list[torch.Tensor]:
         """The selected kernels, in carrier order."""
         if isinstance(segment, nn.Module):
             named: Sequence[tuple[str, torch.Tensor]] = select_weights(segment, self.spec.layers)
@@ -461,16 +461,26 @@ class WatermarkEmbedder:
         """`strength * loss`: add to the trainer's local loss each step."""
         return self.spec.strength * self.loss(segment)
 
-    def add_regulariser_grad(self, segment: nn.Module) -> None:
-        """Add what back-propagating `regulariser` would add to the carrier kernels' `.grad`:
+    def regulariser_grad(self, segment: nn.Module) -> torch.Tensor:
+        """The gradient of `regulariser` with respect to the carrier (flat, in carrier order):
         `strength * X^T (sigmoid(X w) - b) / n_bits`, computed directly. Autograd took about half as
         long again (gathering the carrier, a graph, and a zero-filled gradient of every selected kernel
         to scatter into); this reads X twice and touches only the carrier's weights."""
-        params = self._kernels(segment)
         with torch.no_grad():
-            w = self._gather(params)
+            w = self._w(segment)
             g = (torch.sigmoid(self.X @ w) - self.bits.to(w.device)) @ self.X
-            g.mul_(self.spec.strength / self.spec.n_bits)
+            return g.mul_(self.spec.strength / self.spec.n_bits)
+
+    def add_regulariser_grad(self, segment: nn.Module, grad: torch.Tensor | None = None) -> None:
+        """Add what back-propagating `regulariser` would add to the carrier kernels' `.grad`: `grad`
+        when given (`regulariser_grad` of these very weights, computed ahead), else computed now."""
+        params = self.kernels(segment)
+        g = self.regulariser_grad(segment) if grad is None else grad
+        if g.shape != (self.n_weights,):
+            raise ValueError(
+                f"regulariser gradient of shape {tuple(g.shape)}, the carrier has {self.n_weights}"
+            )
+        with torch.no_grad():
             if self._idx is None:
                 parts = [(i, None) for i in range(len(params))]
             else:
