@@ -116,7 +116,9 @@ def test_targets_encoded_per_round_equal_per_batch_encoding(digits, tmp_path, tr
     parts = [
         (rnd, part)
         for rnd in range(2)
-        for ids in epoch_batches(cfg.job.seed, rnd, len(data.train_y), 32, poisson=poisson)
+        for ids in epoch_batches(
+            cfg.job.seed, rnd, len(data.train_y), cfg.training.batch_size, poisson=poisson
+        )
         for part in torch.tensor_split(ids, min(training["micro_batches"], len(ids)))
         if len(part)
     ]
