@@ -662,10 +662,10 @@ def test_regulariser_gradient_computed_ahead_is_used_only_for_unchanged_weights(
     on_main: list[str] = []  # regulariser gradients computed on the trainer's own thread
     compute = emb.regulariser_grad
 
-    def counted(segment, tag="round 0"):
+    def counted(kernels, tag="round 0"):
         if threading.current_thread() is threading.main_thread():
             on_main.append(tag)
-        return compute(segment)
+        return compute(kernels)
 
     emb.regulariser_grad = counted
 
@@ -678,7 +678,7 @@ def test_regulariser_gradient_computed_ahead_is_used_only_for_unchanged_weights(
     def expected() -> dict[str, torch.Tensor]:
         for p in seg.parameters():
             p.grad = None
-        emb.add_regulariser_grad(seg, compute(seg))
+        emb.add_regulariser_grad(seg, compute(emb.kernels(seg)))
         return {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
 
     hooks.prepare_regulariser_grad(seg)  # weights unchanged until the next step: the result is used
@@ -694,6 +694,6 @@ def test_regulariser_gradient_computed_ahead_is_used_only_for_unchanged_weights(
     assert added() and on_main == ["round 0"] * 2  # nothing prepared: computed now
     hooks.prepare_regulariser_grad(seg)
     hooks.open_round(1, os.urandom(16), [], seg)  # a new round's mark: the old one's gradient is dropped
-    hooks.embedder.regulariser_grad = lambda segment: counted(segment, "round 1")
+    hooks.embedder.regulariser_grad = lambda kernels: counted(kernels, "round 1")
     added()
     assert on_main[-1] == "round 1"

@@ -112,7 +112,7 @@ class StageProvenance:
         if self.embedder is not None:
             kernels = self.embedder.kernels(segment)
             self._ahead = _GradAhead(
-                self.embedder, kernels, _versions(kernels), submit(self.embedder.regulariser_grad, segment)
+                self.embedder, kernels, _versions(kernels), submit(self.embedder.regulariser_grad, kernels)
             )
 
     def observe(self, neighbour: str, direction: str, rnd: int, step: int, tensor: torch.Tensor) -> None:

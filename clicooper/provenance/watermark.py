@@ -461,13 +461,14 @@ class WatermarkEmbedder:
         """`strength * loss`: add to the trainer's local loss each step."""
         return self.spec.strength * self.loss(segment)
 
-    def regulariser_grad(self, segment: nn.Module) -> torch.Tensor:
-        """The gradient of `regulariser` with respect to the carrier (flat, in carrier order):
-        `strength * X^T (sigmoid(X w) - b) / n_bits`, computed directly. Autograd took about half as
-        long again (gathering the carrier, a graph, and a zero-filled gradient of every selected kernel
-        to scatter into); this reads X twice and touches only the carrier's weights."""
+    def regulariser_grad(self, kernels: list[torch.Tensor]) -> torch.Tensor:
+        """The gradient of `regulariser` with respect to the carrier held in `kernels` (a segment's
+        `kernels`), flat, in carrier order: `strength * X^T (sigmoid(X w) - b) / n_bits`, computed
+        directly. Autograd took about half as long again (gathering the carrier, a graph, and a
+        zero-filled gradient of every selected kernel to scatter into); this reads X twice and
+        touches only the carrier's weights."""
         with torch.no_grad():
-            w = self._w(segment)
+            w = self._gather(kernels)
             g = (torch.sigmoid(self.X @ w) - self.bits.to(w.device)) @ self.X
             return g.mul_(self.spec.strength / self.spec.n_bits)
 
@@ -475,7 +476,7 @@ class WatermarkEmbedder:
         """Add what back-propagating `regulariser` would add to the carrier kernels' `.grad`: `grad`
         when given (`regulariser_grad` of these very weights, computed ahead), else computed now."""
         params = self.kernels(segment)
-        g = self.regulariser_grad(segment) if grad is None else grad
+        g = self.regulariser_grad(params) if grad is None else grad
         if g.shape != (self.n_weights,):
             raise ValueError(
                 f"regulariser gradient of shape {tuple(g.shape)}, the carrier has {self.n_weights}"
