@@ -174,11 +174,9 @@ def launch_local(
     common = ["--run-dir", str(run_dir), "--listen", "127.0.0.1:0", "--peers", "-"]
     servers: list[_Child] = []
     children: list[_Child] = []
-    stopping = threading.Event()
 
     def on_signal(*_):
-        stopping.set()
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # takes no lock: it may run while this thread holds one
 
     main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}

@@ -46,6 +46,28 @@ class _Stop(KeyboardInterrupt):
     """SIGTERM or SIGINT reached the data owner's program."""
 
 
+class StopRequest:
+    """Set by a server's SIGTERM/SIGINT handler; polled by its main loop.
+
+    A plain flag on purpose. Python runs a signal handler on the main thread between any two
+    bytecodes, including while that thread holds a lock; `threading.Event.set` takes the lock that
+    `Event.wait` holds around its wait, so a signal landing there deadlocks the program (seen as a
+    served trainer that never exits after SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, *_) -> None:
+        self.requested = True
+
+    def wait(self, poll: float) -> bool:
+        """Sleep `poll` seconds (a signal cuts it short only by the handler setting the flag); True
+        once a stop was requested."""
+        if not self.requested:
+            time.sleep(poll)
+        return self.requested
+
+
 def _say(line: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     out.write(line + "\n")
@@ -142,9 +164,9 @@ def serve(
     manifest, keys = load_party(manifest_path, identity, role)
     folder = run_dir / keys.name
     t = make_transport(manifest, keys, listen=listen, insecure=insecure)
-    stop = threading.Event()
+    stop = StopRequest()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop)
     try:
         if role == "trainer":
             party = build_trainer(manifest, keys, t, checkpoint_dir=folder)

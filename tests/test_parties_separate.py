@@ -377,6 +377,39 @@ def test_keys_job_command_and_a_served_party_stops_cleanly_on_sigterm(tmp_path):
     assert r.exit_code == EXIT_USAGE and "not of a trainer" in r.output
 
 
+def test_a_stop_signal_landing_anywhere_in_the_servers_wait_stops_it():
+    """A served party's SIGTERM handler may run between any two bytecodes of its main loop, also
+    while that thread holds a lock. Emulate the signal at each of the loop's first 80 trace events
+    (a thread-local trace function calls the handler there): the loop must end every time. The
+    threading.Event this replaced deadlocked at most of those points (the CI run that hung for 60 s
+    after SIGTERM)."""
+    from clicooper.programs import StopRequest
+
+    def stops_when_signalled_at(k: int) -> bool:
+        stop, events = StopRequest(), [0]
+
+        def tracer(frame, event, arg):
+            events[0] += 1
+            if events[0] == k:
+                stop()  # what the signal handler does
+            return tracer
+
+        def serve_loop() -> None:
+            sys.settrace(tracer)
+            try:
+                while not stop.wait(0.001):
+                    pass
+            finally:
+                sys.settrace(None)
+
+        th = threading.Thread(target=serve_loop, daemon=True)
+        th.start()
+        th.join(5)
+        return not th.is_alive()
+
+    assert [k for k in range(1, 81) if not stops_when_signalled_at(k)] == []
+
+
 def test_final_segment_and_rewind_messages_are_checked(tmp_path):
     """In one process: the verifier keeps a delivered segment only if its signed record names it
     (never unpickled: a safetensors blob); a rewound trainer is back at its checkpoint of the round
