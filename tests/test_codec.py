@@ -14,6 +14,7 @@ from clicooper.transport import (
     copy_message,
     decode,
     encode,
+    encode_frame,
 )
 from clicooper.transport.messages import StageSealed
 
@@ -46,6 +47,21 @@ def test_round_trip(msg):
     for f in ("loss", "train", "record"):
         if hasattr(msg, f):
             assert getattr(out, f) == getattr(msg, f)
+
+
+@pytest.mark.parametrize("msg", MESSAGES)
+def test_a_frame_for_the_network_is_the_same_bytes_as_the_aligned_buffer(msg):
+    frame = encode_frame(msg)
+    assert type(frame) is bytes and frame == bytes(encode(msg))
+
+
+def test_frames_take_the_values_of_transposed_and_autograd_tensors():
+    x = torch.randn(5, 3, requires_grad=True)
+    for t in (x.t(), x * 2, torch.arange(12).reshape(3, 4)[:, ::2]):
+        msg = Forward(header=H, activation=t) if t.is_floating_point() else Targets(header=H, labels=t)
+        out = decode(encode_frame(msg))
+        got = out.activation if isinstance(out, Forward) else out.labels
+        assert torch.equal(got, t.detach()) and got.is_contiguous()
 
 
 def test_tensors_are_aligned_and_independent():

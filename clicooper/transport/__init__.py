@@ -1,7 +1,7 @@
 """Typed messages, the raw-bytes codec, and transports (in-process)."""
 
 from clicooper.transport.base import Transport, TransportError
-from clicooper.transport.codec import CodecError, copy_message, decode, encode
+from clicooper.transport.codec import CodecError, copy_message, decode, encode, encode_frame
 from clicooper.transport.inproc import InProcTransport
 from clicooper.transport.messages import (
     Backward,
@@ -30,4 +30,5 @@ __all__ = [
     "copy_message",
     "decode",
     "encode",
+    "encode_frame",
 ]

@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,6 +46,8 @@ _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _HEADER_TYPES = {f.name: _SCALAR_TYPES[f.type] for f in dataclasses.fields(Header)}
 _HEADER_CHECKS = {k: (t, f"header.{k}") for k, t in _HEADER_TYPES.items()}
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: dumps() builds one per call
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the wire's byte order: tensors go as they are
+_ZEROS = bytes(ALIGN)
 
 
 class CodecError(ValueError):
@@ -73,42 +76,64 @@ def _prefix(msg: Message) -> bytes:
     tensors_meta = []
     for name in _tensor_fields(cls):
         t: torch.Tensor = getattr(msg, name)
-        if t.dtype not in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
             raise CodecError(f"{cls.KIND}.{name}: dtype {t.dtype} is not allowed on the wire")
-        tensors_meta.append({"name": name, "dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)})
+        tensors_meta.append({"name": name, "dtype": dtype, "shape": list(t.shape)})
+    h = msg.header
     header = {
         "kind": cls.KIND,
-        "header": {k: getattr(msg.header, k) for k in _HEADER_TYPES},
+        "header": {k: getattr(h, k) for k in _HEADER_TYPES},
         "fields": {name: getattr(msg, name) for name in _scalar_fields(cls)},
         "tensors": tensors_meta,
     }
     head = _JSON.encode(header).encode()
-    head += b" " * (_align(4 + len(head)) - 4 - len(head))
-    return struct.pack(">I", len(head)) + head
+    return struct.pack(">I", len(head) + _pad(4 + len(head))) + head + b" " * _pad(4 + len(head))
+
+
+def _wire_parts(msg: Message) -> list[bytes | memoryview]:
+    """The encoded message as consecutive pieces: the prefix, then each tensor's little-endian bytes
+    (a view of the tensor's own memory where it already is a contiguous CPU tensor) and its zero
+    padding. Joining them is the one copy of the tensors that encoding makes."""
+    parts: list[bytes | memoryview] = [_prefix(msg)]
+    for name in _tensor_fields(type(msg)):
+        arr = getattr(msg, name).detach().cpu().contiguous().numpy()
+        if not _LITTLE_ENDIAN:
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        parts.append(_ZEROS[: _pad(arr.nbytes)])
+    return parts
 
 
 def encode(msg: Message) -> memoryview:
-    """Serialise a message into one buffer (tensors as raw little-endian bytes, one copy each)."""
-    prefix = _prefix(msg)
-    arrays = []
-    for name in _tensor_fields(type(msg)):
-        arr = getattr(msg, name).detach().cpu().contiguous().numpy()
-        arrays.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-    total = len(prefix) + sum(_align(a.nbytes) for a in arrays)
+    """Serialise a message into one writable, 64-byte-aligned buffer (tensors copied once): what
+    `decode` views without copying, for delivery within one process."""
+    parts = _wire_parts(msg)
+    total = sum(len(p) for p in parts)
     raw = np.empty(total + ALIGN, dtype=np.uint8)
     start = (-raw.__array_interface__["data"][0]) % ALIGN
     out = raw[start : start + total]
-    out[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
-    offset = len(prefix)
-    for a in arrays:
-        out[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
-        out[offset + a.nbytes : offset + _align(a.nbytes)] = 0
-        offset += _align(a.nbytes)
+    offset = 0
+    for p in parts:
+        out[offset : offset + len(p)] = np.frombuffer(p, dtype=np.uint8)
+        offset += len(p)
     return memoryview(out)
 
 
+def encode_frame(msg: Message) -> bytes:
+    """The same bytes as `encode`, as one immutable `bytes` object: what gRPC sends. The tensors
+    are copied once, straight from their memory into the frame (`bytes(encode(msg))` would copy
+    them twice)."""
+    return b"".join(_wire_parts(msg))
+
+
+def _pad(n: int) -> int:
+    """Zero bytes that take `n` to the next ALIGN boundary."""
+    return -n % ALIGN
+
+
 def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+    return n + _pad(n)
 
 
 def _check_type(value: Any, expected: type, kind: str, name: str) -> Any:

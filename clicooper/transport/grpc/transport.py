@@ -3,7 +3,7 @@
 Each process hosts the parties it registers: every registered party gets its own gRPC server on its
 address-book entry, with its own certificate. To send, a party dials the receiver's address and
 keeps one bidirectional stream per directed link (sender -> receiver), presenting its own
-certificate. A frame on that stream is one message exactly as the codec encodes it (`encode`);
+certificate. A frame on that stream is one message exactly as the codec encodes it (`encode_frame`);
 the receiver answers every frame with one acknowledgement frame:
 
     b"\\x00"                 accepted: decoded, checked, and queued for the receiving party
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import grpc
 
 from clicooper.transport.base import Handler, Transport, TransportError
-from clicooper.transport.codec import CodecError, decode, encode
+from clicooper.transport.codec import CodecError, decode, encode_frame
 from clicooper.transport.grpc.roster import ABORT, Roster
 from clicooper.transport.grpc.tls import TlsCredentials, TlsError, cert_identity, server_name
 from clicooper.transport.messages import Abort, Header, Message
@@ -459,7 +459,7 @@ class GrpcTransport(Transport):
         if msg.KIND not in self.roster.kinds(h.sender, h.receiver):
             raise TransportError(f"{h.sender} may not send {msg.KIND} messages to {h.receiver!r}")
         try:
-            data = encode(msg)
+            data = encode_frame(msg)
         except CodecError as e:
             raise TransportError(f"{h.sender}: cannot encode {msg.KIND}: {e}") from None
         limit = self.options.max_message_bytes
@@ -474,7 +474,7 @@ class GrpcTransport(Transport):
                 link = self._links[(h.sender, h.receiver)] = _Link(self, h.sender, h.receiver)
         with self._lock:  # counted when handed to the link (before the receiver can act on it)
             self._count(msg, len(data))
-        link.send(bytes(data), what)
+        link.send(data, what)
 
     def receive(self, party: str, timeout: float | None = None) -> Message:
         q = self._queues.get(party)
