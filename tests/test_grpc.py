@@ -222,11 +222,14 @@ def test_valid_certificate_at_the_wrong_position_is_refused(roster, pki, closing
     bwd = bytes(encode(_fwd("trainer_2", "trainer_3", 2, torch.ones(2, 3), kind=Backward)))
     spoof = _frame("data_owner", "trainer_3", 3)
     replay = _frame("trainer_2", "trainer_3", 1)
-    acks = raw_exchange(t2, t2.ca_cert, addr, "trainer_3", [bwd, spoof, replay])
+    acks = [raw_exchange(t2, t2.ca_cert, addr, "trainer_3", [f])[0] for f in (bwd, spoof, replay)]
     assert [a[:1] for a in acks] == [b"\x01"] * 3
     assert b"trainer_2 may not send backward messages to trainer_3" in acks[0]
     assert b"trainer_2 sent a forward claiming to be from 'data_owner'" in acks[1]
     assert b"seq 1 <= 1 (replayed or reordered)" in acks[2]
+    # after a refusal the rest of its stream is refused, valid or not: nothing arrives past a gap
+    acks = raw_exchange(t2, t2.ca_cert, addr, "trainer_3", [bwd, _frame("trainer_2", "trainer_3", 9)])
+    assert acks[1] == b"\x01an earlier frame on this stream was refused"
     time.sleep(0.1)
     assert len(got) == 1 and got[0].header.sender == "trainer_2"
 
@@ -434,3 +437,142 @@ def test_a_taken_port_is_a_clear_error(roster, pki, closing):
     closing.append(clash)
     with pytest.raises(TransportError, match="trainer_1: cannot listen on 127.0.0.1:"):
         clash.register("trainer_1", None)
+
+
+WINDOWED = GrpcOptions(**{**FAST.__dict__, "ack_window": 4})
+
+
+def _slow_accept(monkeypatch, t: GrpcTransport, delay: float, log_to: list | None = None, refuse=None):
+    """Make `t` take `delay` seconds to accept each frame (and optionally refuse some), recording
+    when each message was queued."""
+    accept = t._accept
+
+    def slow(me, peer, frame):
+        time.sleep(delay)
+        msg = decode(frame)
+        if refuse is not None and refuse(msg):
+            return f"{me}: refused on purpose"
+        err = accept(me, peer, frame)
+        if err is None and log_to is not None:
+            log_to.append((time.monotonic(), me, msg.header.seq))
+        return err
+
+    monkeypatch.setattr(t, "_accept", slow)
+
+
+def _wait_for(pred, timeout: float = 5.0) -> None:
+    deadline = time.time() + timeout
+    while not pred() and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_windowed_link_streams_frames_and_keeps_their_order(roster, pki, closing, monkeypatch):
+    """With ack_window 4 the first sends return before their acknowledgements (the receiver takes
+    0.2 s a frame), the next waits for the window; flush waits for all; order is kept."""
+    got: list = []
+    t2 = endpoint(roster, pki, "trainer_2", got.append, {})
+    _slow_accept(monkeypatch, t2, 0.2)
+    t1 = endpoint(roster, pki, "trainer_1", None, dict(t2.addresses), options=WINDOWED)
+    closing.extend([t1, t2])
+    t1.send(_fwd("trainer_1", "trainer_2", 1, torch.ones(2)))  # dials and waits for nothing
+    t0 = time.monotonic()
+    for seq in (2, 3):
+        t1.send(_fwd("trainer_1", "trainer_2", seq, torch.full((2,), float(seq))))
+    assert time.monotonic() - t0 < 0.15  # three frames in flight, none acknowledged yet
+    t1.send(_fwd("trainer_1", "trainer_2", 4, torch.ones(2)))  # a fourth: waits for the first's ack
+    link = t1._links[("trainer_1", "trainer_2")]
+    assert len(link.unacked) <= 3
+    assert link.flush(10) and not link.unacked
+    _wait_for(lambda: len(got) == 4)
+    assert [m.header.seq for m in got] == [1, 2, 3, 4]
+    assert torch.equal(got[2].activation, torch.full((2,), 3.0))
+
+
+def test_a_refusal_on_a_windowed_link_surfaces_later_and_leaves_no_gap(roster, pki, closing, monkeypatch):
+    """Frame 2 of 1..3 is refused: the link's next send raises, naming step 2's frame; frame 3, sent
+    before the sender knew, is refused too (no gap); the next send dials a new stream and arrives."""
+    got: list = []
+    t2 = endpoint(roster, pki, "trainer_2", got.append, {})
+    _slow_accept(monkeypatch, t2, 0.05, refuse=lambda m: m.header.seq == 2)
+    t1 = endpoint(roster, pki, "trainer_1", None, dict(t2.addresses), options=WINDOWED)
+    closing.extend([t1, t2])
+    for seq in (1, 2, 3):
+        t1.send(_fwd("trainer_1", "trainer_2", seq, torch.ones(2), step=seq))
+    link = t1._links[("trainer_1", "trainer_2")]
+    time.sleep(0.5)  # the receiver sees all three frames before the sender acts on the refusal
+    with pytest.raises(
+        TransportError, match=r"trainer_2 refused forward \(round 0 step 2.*refused on purpose"
+    ):
+        link.flush(10)
+    t1.send(_fwd("trainer_1", "trainer_2", 4, torch.ones(2), step=4))
+    assert link.flush(10)
+    _wait_for(lambda: len(got) == 2)
+    assert [m.header.seq for m in got] == [1, 4]
+    assert len(t2.refused) == 1 and "refused on purpose" in t2.refused[0]  # frame 3's echo is not logged
+
+
+def test_a_party_switching_links_waits_for_the_last_one(roster, pki, closing, monkeypatch):
+    """Causal order over windowed links: the data owner sends Targets to trainer_3 (slow to accept),
+    then a Forward to trainer_1; trainer_1 forwards to trainer_2, trainer_2 to trainer_3. The
+    Targets are queued at trainer_3 before the Forward that follows them, and before anything
+    trainer_1 does about that Forward."""
+    queued: list = []
+    ts: dict[str, GrpcTransport] = {}
+    book: dict[str, str] = {}
+
+    def relay(me, nxt):
+        def handle(msg):
+            if nxt is not None:
+                ts[me].send(_fwd(me, nxt, msg.header.seq, msg.activation))
+
+        return handle
+
+    for me, nxt in (("trainer_3", None), ("trainer_2", "trainer_3"), ("trainer_1", "trainer_2")):
+        ts[me] = endpoint(roster, pki, me, relay(me, nxt), book, options=WINDOWED)
+        _slow_accept(monkeypatch, ts[me], 0.3 if me == "trainer_3" else 0.0, queued)
+    do = endpoint(roster, pki, "data_owner", None, book, options=WINDOWED)
+    for t in ts.values():
+        t.addresses.update(book)
+    closing.extend([do, *ts.values()])
+    targets = Targets(header=Header(JOB, "data_owner", "trainer_3", 0, 0, 1), labels=torch.tensor([1, 2]))
+    do.send(targets)
+    do.send(_fwd("data_owner", "trainer_1", 1, torch.ones(2)))
+    _wait_for(lambda: sum(1 for _, me, _ in queued if me == "trainer_3") == 2)
+    order = [(me, seq) for _, me, seq in sorted(queued)]
+    assert order.index(("trainer_3", 1)) < order.index(("trainer_1", 1))
+    assert [me for me, _ in order if me == "trainer_3"] == ["trainer_3", "trainer_3"]
+
+
+def test_a_gradient_sent_upstream_does_not_wait_for_the_activations_downstream(
+    roster, pki, closing, monkeypatch
+):
+    """A Backward is unordered (roster.UNORDERED_KINDS): trainer_2, with two Forwards still on their
+    way to a slow trainer_3, sends a gradient to trainer_1 at once; its next Forward waits for
+    nothing either (the last ordered link is still trainer_3's)."""
+    book: dict[str, str] = {}
+    t3 = endpoint(roster, pki, "trainer_3", lambda m: None, book)
+    _slow_accept(monkeypatch, t3, 0.5)
+    t1 = endpoint(roster, pki, "trainer_1", lambda m: None, book)
+    t2 = endpoint(roster, pki, "trainer_2", None, dict(book), options=WINDOWED)
+    closing.extend([t1, t2, t3])
+    t2.send(_fwd("trainer_2", "trainer_3", 1, torch.ones(2)))
+    t2.send(_fwd("trainer_2", "trainer_1", 1, torch.ones(2), kind=Backward))  # dials trainer_1
+    t0 = time.monotonic()
+    t2.send(_fwd("trainer_2", "trainer_3", 2, torch.ones(2)))
+    t2.send(_fwd("trainer_2", "trainer_1", 2, torch.ones(2), kind=Backward))
+    t2.send(_fwd("trainer_2", "trainer_3", 3, torch.ones(2)))
+    assert time.monotonic() - t0 < 0.4  # trainer_3 has acknowledged at most one frame by now
+    assert t2._links[("trainer_2", "trainer_3")].flush(10)
+
+
+def test_closing_a_windowed_transport_delivers_what_it_sent(roster, pki, closing, monkeypatch):
+    got: list = []
+    t2 = endpoint(roster, pki, "trainer_2", got.append, {})
+    _slow_accept(monkeypatch, t2, 0.1)
+    t1 = endpoint(roster, pki, "trainer_1", None, dict(t2.addresses), options=WINDOWED)
+    closing.append(t2)
+    for seq in (1, 2, 3):
+        t1.send(_fwd("trainer_1", "trainer_2", seq, torch.ones(2)))
+    t1.close()
+    _wait_for(lambda: len(got) == 3)
+    assert [m.header.seq for m in got] == [1, 2, 3]

@@ -9,16 +9,17 @@ import torch
 
 from clicooper.job import ChainJob
 from clicooper.parties import verify_run
-from clicooper.transport.grpc import GrpcTransport, Roster, make_local_pki
+from clicooper.transport.grpc import GrpcOptions, GrpcTransport, Roster, make_local_pki
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def _grpc(job_id: str, n_trainers: int, *, verifier: bool = False) -> GrpcTransport:
+def _grpc(job_id: str, n_trainers: int, *, verifier: bool = False, ack_window: int = 1) -> GrpcTransport:
     roster = Roster.chain(job_id, n_trainers, verifier=verifier)
     pki = make_local_pki(None, job_id, roster.parties)
-    return GrpcTransport(roster, {p: "127.0.0.1:0" for p in roster.parties}, tls=pki)
+    options = GrpcOptions(ack_window=ack_window)
+    return GrpcTransport(roster, {p: "127.0.0.1:0" for p in roster.parties}, tls=pki, options=options)
 
 
 def _weights(job: ChainJob) -> list[torch.Tensor]:
@@ -26,9 +27,12 @@ def _weights(job: ChainJob) -> list[torch.Tensor]:
     return [v for s in segs for v in s.state_dict().values()]
 
 
-def test_chain_over_grpc_mtls_reaches_the_in_process_weights(digits):
-    cfg = tiny_config(training={"epochs": 2})
-    with _grpc("gchain", 3) as tr:
+@pytest.mark.parametrize(("ack_window", "micro_batches"), [(1, 1), (8, 4)])
+def test_chain_over_grpc_mtls_reaches_the_in_process_weights(digits, ack_window, micro_batches):
+    """Also with windowed acknowledgements and a pipelined relay (sends that do not wait for each
+    acknowledgement): the same weights, bit for bit."""
+    cfg = tiny_config(training={"epochs": 2, "micro_batches": micro_batches})
+    with _grpc("gchain", 3, ack_window=ack_window) as tr:
         job = ChainJob(cfg, digits, None, transport=tr, job_id="gchain")
         summary = job.run()
         assert not tr.refused and not tr.handler_errors
@@ -40,10 +44,11 @@ def test_chain_over_grpc_mtls_reaches_the_in_process_weights(digits):
     assert summary.bytes_per_step == ref_summary.bytes_per_step
 
 
-def test_watermarked_chain_over_grpc_is_certified(digits, tmp_path):
+@pytest.mark.parametrize("ack_window", [1, 8])
+def test_watermarked_chain_over_grpc_is_certified(digits, tmp_path, ack_window):
     run = tmp_path / "wmrun"
     cfg = tiny_config(training={"epochs": 2}, watermark={"enabled": True, "n_bits": 64})
-    with _grpc(run.name, 3, verifier=True) as tr:
+    with _grpc(run.name, 3, verifier=True, ack_window=ack_window) as tr:
         ChainJob(cfg, digits, run, transport=tr).run()
     verdict, cert = verify_run(run)
     assert verdict.ok, verdict.summary()

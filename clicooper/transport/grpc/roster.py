@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 DATA_OWNER = "data_owner"
 VERIFIER = "verifier"
 ABORT = "abort"
+# Kinds that need no causal ordering against their sender's other links (see docs/transport.md,
+# "Acknowledgement window"): an Abort is out of band, and a Backward sets off only gradients flowing
+# up to the data owner, which waits for every one of a step's gradients before anything of the next
+# step moves down the chain, so nothing downstream can overtake a sender's earlier frames through it.
+UNORDERED_KINDS = frozenset({ABORT, "backward"})
 
 
 @dataclass(frozen=True)

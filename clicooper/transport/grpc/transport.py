@@ -7,13 +7,21 @@ certificate. A frame on that stream is one message exactly as the codec encodes 
 the receiver answers every frame with one acknowledgement frame:
 
     b"\\x00"                 accepted: decoded, checked, and queued for the receiving party
-    b"\\x01" + UTF-8 reason  refused: the reason says what was wrong; the stream stays open
+    b"\\x01" + UTF-8 reason  refused: the reason says what was wrong; every later frame on the
+                             same stream is refused too (the sender dials a new stream)
 
-`send` returns only once the receiver has queued the message, so a message a party sends after
-another message was acknowledged can never overtake it at any receiver: the causal order the
-in-process transport's global FIFO gave (Targets and Nonce before the Forward that needs them)
-holds over the network too. Each receiving party has one queue: reactive parties are called from
-one dispatch thread each; a pulling party (the data owner) reads its queue with `receive`.
+With `GrpcOptions.ack_window = 1` (the default) `send` returns only once the receiver has queued
+the message, so a message a party sends after another message was acknowledged can never overtake
+it at any receiver: the causal order the in-process transport's global FIFO gave (Targets and
+Nonce before the Forward that needs them) holds over the network too. With a window of W > 1, a
+send returns while up to W - 1 earlier frames on its link still await acknowledgement (a reader
+thread takes them), so a sender streams frames over a slow link; a refusal is raised by the link's
+next `send` or `flush`. The causal order still holds: before a party sends on a different link
+than the last it sent an ordered message on, it waits until everything on that one is
+acknowledged (`Abort` and `Backward` need no order: `roster.UNORDERED_KINDS`), and a stream stops
+delivering at its first refused frame, so nothing arrives out of order or past a gap. Each
+receiving party has one queue: reactive parties are called from one dispatch thread each; a
+pulling party (the data owner) reads its queue with `receive`.
 
 The server checks, before anything reaches a party: the peer's certificate chains to the job's CA
 (TLS), its identity is in the roster with a link to the receiving party (`Roster.check_link`),
@@ -29,6 +37,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +46,7 @@ import grpc
 
 from clicooper.transport.base import Handler, Transport, TransportError
 from clicooper.transport.codec import CodecError, decode, encode_frame
-from clicooper.transport.grpc.roster import ABORT, Roster
+from clicooper.transport.grpc.roster import ABORT, UNORDERED_KINDS, Roster
 from clicooper.transport.grpc.tls import TlsCredentials, TlsError, cert_identity, server_name
 from clicooper.transport.messages import Abort, Header, Message
 
@@ -74,6 +83,9 @@ class GrpcOptions:
     keepalive_timeout: float = 10.0
     max_workers: int = 16
     max_pending: int = 256  # messages queued for one party before further frames are refused
+    # frames a link may have awaiting acknowledgement when `send` returns, plus one: 1 = every send
+    # waits for its own acknowledgement; more lets a sender stream frames over a slow link
+    ack_window: int = 1
 
     def _common(self) -> list[tuple[str, int | str]]:
         return [
@@ -112,8 +124,12 @@ class _Link:
         self.requests: queue.Queue | None = None
         self.call = None
         self.done: threading.Event | None = None
-        self.waiting_since: float | None = None
+        self.waiting_since: float | None = None  # when the oldest unacknowledged frame was sent
         self.overdue = False
+        # windowed links (ack_window > 1): frames awaiting acknowledgement, read by `_read_acks`
+        self.acks = threading.Condition()
+        self.unacked: deque[str] = deque()
+        self.failure: TransportError | None = None
 
     def _make_channel(self) -> grpc.Channel:
         addr = self.t.addresses.get(self.receiver)
@@ -166,6 +182,13 @@ class _Link:
             daemon=True,
         ).start()
         self.requests, self.call, self.done = requests, call, done
+        if self.t.options.ack_window > 1:
+            threading.Thread(
+                target=self._read_acks,
+                args=(call,),
+                name=f"acks-{self.sender}-{self.receiver}",
+                daemon=True,
+            ).start()
 
     def _watch(self, call, done: threading.Event) -> None:
         """The acknowledgement deadline: cancel the stream when an acknowledgement is overdue."""
@@ -178,6 +201,9 @@ class _Link:
                 return
 
     def send(self, frame: bytes, what: str) -> None:
+        if self.t.options.ack_window > 1:
+            self._send_windowed(frame, what)
+            return
         with self.lock:
             if self.call is not None and self.call.done():
                 self.close()  # the stream ended before this frame (the peer went away): dial again
@@ -195,38 +221,119 @@ class _Link:
                 ack = e
             finally:
                 self.waiting_since = None
-            if isinstance(ack, bytes):
-                if ack == ACK_OK:
-                    return
-                reason = ack[1:].decode(errors="replace")
-                raise TransportError(f"{self.receiver} refused {what} from {self.sender}: {reason}")
-            overdue = self.overdue
+            error = self._ack_error(ack, what)
+            if error is not None:
+                self.close()  # the receiver refuses the rest of a stream with a refused frame
+                raise error
+
+    def _ack_error(self, ack: bytes | Exception, what: str) -> TransportError | None:
+        """None for an acceptance; otherwise the error that the frame `what` was not delivered."""
+        if isinstance(ack, bytes):
+            if ack == ACK_OK:
+                return None
+            reason = ack[1:].decode(errors="replace")
+            return TransportError(f"{self.receiver} refused {what} from {self.sender}: {reason}")
+        if self.overdue:
+            return TransportError(
+                f"{self.sender}: {self.receiver} did not acknowledge {what} within "
+                f"{self.t.options.send_timeout:g}s"
+            )
+        if isinstance(ack, grpc.RpcError):
+            code = ack.code()
+            detail = ack.details()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                detail = f"{detail} (the receiver's message limit)"
+            return TransportError(
+                f"{self.sender} -> {self.receiver}: {what} not delivered: {code.name}: {detail}"
+            )
+        return TransportError(f"{self.sender} -> {self.receiver}: {what} not delivered: {ack}")
+
+    # -- windowed links (ack_window > 1) --------------------------------------
+    def _send_windowed(self, frame: bytes, what: str) -> None:
+        """Queue the frame on the stream and return once at most `ack_window - 1` of this link's
+        frames await acknowledgement. A refusal, or a stream that ended with frames unacknowledged,
+        is raised by the next `send` or `flush` on the link, naming the frame it concerns."""
+        with self.lock:
+            self._raise_failure()
+            if self.call is not None and self.call.done():
+                self.close()  # ended with nothing outstanding (the peer went away idle): dial again
+            if self.call is None:
+                self._open()
+            assert self.requests is not None
+            with self.acks:
+                if not self.unacked:
+                    self.overdue, self.waiting_since = False, time.monotonic()
+                self.unacked.append(what)
+            self.requests.put(frame)
+            self._wait_acks(self.t.options.ack_window - 1)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every frame sent on this link is acknowledged (False if `timeout` ran out
+        first); raise the first failure."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False  # a send holds the link (waiting on the window) for longer
+        try:
+            return self._wait_acks(0, timeout)
+        finally:
+            self.lock.release()
+
+    def _wait_acks(self, most: int, timeout: float | None = None) -> bool:
+        with self.acks:  # the deadline thread cancels a stream whose acknowledgement is overdue
+            done = self.acks.wait_for(lambda: len(self.unacked) <= most or self.failure is not None, timeout)
+        self._raise_failure()
+        return done
+
+    def _raise_failure(self) -> None:
+        with self.acks:
+            error, self.failure = self.failure, None
+        if error is not None:
             self.close()
-            if overdue:
-                raise TransportError(
-                    f"{self.sender}: {self.receiver} did not acknowledge {what} within "
-                    f"{self.t.options.send_timeout:g}s"
+            raise error
+
+    def _read_acks(self, call) -> None:
+        """Reader of one windowed stream's acknowledgements, in order of the frames they answer."""
+        error: TransportError | None = None
+        try:
+            for ack in call:
+                with self.acks:
+                    what = self.unacked.popleft() if self.unacked else "a frame"
+                    self.waiting_since = time.monotonic() if self.unacked else None
+                    self.acks.notify_all()
+                error = self._ack_error(ack, what)
+                if error is not None:
+                    break
+        except grpc.RpcError as e:
+            with self.acks:
+                what = self.unacked[0] if self.unacked else None
+            if what is not None:
+                error = self._ack_error(e, what)
+        with self.acks:
+            if error is None and self.unacked:
+                error = TransportError(
+                    f"{self.sender} -> {self.receiver}: the stream ended with {len(self.unacked)} "
+                    f"frame(s) unacknowledged, the first {self.unacked[0]}"
                 )
-            if isinstance(ack, grpc.RpcError):
-                code = ack.code()
-                detail = ack.details()
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    detail = f"{detail} (the receiver's message limit)"
-                raise TransportError(
-                    f"{self.sender} -> {self.receiver}: {what} not delivered: {code.name}: {detail}"
-                )
-            raise TransportError(f"{self.sender} -> {self.receiver}: {what} not delivered: {ack}")
+            if error is not None and self.call is call:
+                self.failure = error
+                self.unacked.clear()
+                self.waiting_since = None
+            self.acks.notify_all()
 
     def close(self) -> None:
+        """End the stream and forget what it had outstanding (the next send dials again)."""
+        with self.acks:  # an acknowledgement reader of the old stream no longer reports to the link
+            call, self.call = self.call, None
+            self.unacked.clear()
+            self.failure = self.waiting_since = None
         if self.done is not None:
             self.done.set()
         if self.requests is not None:
             self.requests.put(_STOP)
-        if self.call is not None:
-            self.call.cancel()
+        if call is not None:
+            call.cancel()
         if self.channel is not None:
             self.channel.close()
-        self.channel = self.requests = self.call = self.done = None
+        self.channel = self.requests = self.done = None
 
 
 class GrpcTransport(Transport):
@@ -267,6 +374,8 @@ class GrpcTransport(Transport):
         self._queues: dict[str, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
         self._links: dict[tuple[str, str], _Link] = {}
+        self._sending: dict[str, threading.RLock] = {}  # per hosted party: one send at a time
+        self._last_link: dict[str, _Link] = {}  # per hosted party: the link it sent on last
         self._seq_in: dict[tuple[str, str], int] = {}
         self._closed = False
         self.refused: list[str] = []  # every refused frame or stream, with its reason
@@ -331,6 +440,7 @@ class GrpcTransport(Transport):
         self.addresses[party] = f"{host}:{port}"
         q: queue.Queue = queue.Queue()
         self._queues[party] = q
+        self._sending[party] = threading.RLock()
         if handler is not None:
             th = threading.Thread(
                 target=self._dispatch, args=(party, handler, q), name=f"party-{party}", daemon=True
@@ -378,7 +488,11 @@ class GrpcTransport(Transport):
 
     def _serve_stream(self, me: str, frames, context):
         peer = self._peer(me, context)
+        refused = False
         for frame in frames:
+            if refused:  # sent before the sender learnt of the refusal: delivering it would leave a gap
+                yield ACK_ERR + b"an earlier frame on this stream was refused"
+                continue
             try:
                 err = self._accept(me, peer, frame)
             except Exception as e:  # never let a frame take the server down
@@ -387,6 +501,7 @@ class GrpcTransport(Transport):
             if err is None:
                 yield ACK_OK
             else:
+                refused = True
                 yield self._refuse(err)
 
     def _accept(self, me: str, peer: str | None, frame: bytes) -> str | None:
@@ -474,7 +589,18 @@ class GrpcTransport(Transport):
                 link = self._links[(h.sender, h.receiver)] = _Link(self, h.sender, h.receiver)
         with self._lock:  # counted when handed to the link (before the receiver can act on it)
             self._count(msg, len(data))
-        link.send(data, what)
+        if self.options.ack_window == 1 or msg.KIND == ABORT:  # an Abort overtakes: nothing waits
+            link.send(data, what)
+            return
+        with self._sending[h.sender]:
+            if msg.KIND not in UNORDERED_KINDS:
+                prev = self._last_link.get(h.sender)
+                if prev is not None and prev is not link:
+                    # causal order over windowed links: what this party sent before reaches its
+                    # receiver before anything this message sets off can reach it
+                    prev.flush()
+                self._last_link[h.sender] = link
+            link.send(data, what)
 
     def receive(self, party: str, timeout: float | None = None) -> Message:
         q = self._queues.get(party)
@@ -526,6 +652,14 @@ class GrpcTransport(Transport):
             self._closed = True
             links = list(self._links.values())
         for link in links:
+            if link.unacked:  # windowed: let what was sent arrive (bounded), then end the stream
+                try:
+                    if not link.flush(grace + 1):
+                        log.warning(
+                            "%s -> %s: frames still unacknowledged at close", link.sender, link.receiver
+                        )
+                except TransportError as e:
+                    log.warning("%s", e)
             link.close()
         for q in self._queues.values():
             q.put(_STOP)
