@@ -240,10 +240,13 @@ class DataOwner(Party):
         any gradient is awaited, so trainers work on different micro-batches at once; the head
         accumulates the gradients of all of them and steps once, as the trainers do."""
         chunks = [c for c in torch.tensor_split(ids, min(self.micro_batches, len(ids))) if len(c)]
+        # every micro-batch's targets first, then the activations: consecutive sends on one link,
+        # which a windowed transport streams without waiting between them
+        for m, cids in enumerate(chunks):
+            self.send(Targets, self.last, rnd, step, labels=self._targets[cids], micro=m, batch_rows=len(ids))
         released = []
         for m, cids in enumerate(chunks):
             a_rel = self._release(cids, released_all)
-            self.send(Targets, self.last, rnd, step, labels=self._targets[cids], micro=m, batch_rows=len(ids))
             self.send(
                 Forward,
                 self.first,
