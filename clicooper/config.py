@@ -62,6 +62,10 @@ class JobSection(_Section):
     # torch intra-op threads per party process (None: the machine's cores shared among the party
     # processes on it; in-process, torch's default). Not part of the job: a resume may change it.
     threads: StrictInt | None = Field(None, ge=1, le=1024)
+    # gRPC frames a party may have in flight on one link (GrpcOptions.ack_window): 1 = each send
+    # waits for its acknowledgement; more lets a pipelined relay stream micro-batches over slow
+    # links. A deployment setting, like `threads`: a resume may change it.
+    ack_window: StrictInt = Field(1, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _safe_root(self) -> JobSection:
@@ -390,7 +394,14 @@ class ResumeError(ConfigError):
 # What a resumed run may change: nothing that affects the model, the data, the privacy mechanism
 # or the protocol. Everything else is pinned to the configuration the run started with.
 RESUME_MUTABLE = frozenset(
-    {"job.name", "job.run_root", "job.threads", "training.epochs", "training.eval_batch_size"}
+    {
+        "job.name",
+        "job.run_root",
+        "job.threads",
+        "job.ack_window",
+        "training.epochs",
+        "training.eval_batch_size",
+    }
 )
 _PINNED_WHY = {
     "job": "the data order and seeds",

@@ -111,9 +111,8 @@ def make_transport(
     if keys.tls is None and not insecure:
         raise ProgramError(f"{keys.name} has no TLS credentials (tls/ in its identity folder)")
     tls = {keys.name: keys.tls} if keys.tls is not None else None
-    return GrpcTransport(
-        manifest.roster(), book, tls=tls, insecure=insecure, options=options or GrpcOptions()
-    )
+    options = options or GrpcOptions(ack_window=manifest.config.job.ack_window)
+    return GrpcTransport(manifest.roster(), book, tls=tls, insecure=insecure, options=options)
 
 
 def read_peers(peers: str | None, stdin: TextIO | None = None) -> dict[str, str]:

@@ -212,6 +212,24 @@ def test_the_data_owner_cannot_sign_as_a_trainer(defended, tmp_path):
     assert vt.refused and not vt.handler_errors
 
 
+def test_a_party_program_takes_its_acknowledgement_window_from_the_job(tmp_path):
+    """`[job] ack_window` reaches each party program's gRPC transport; a resume may change it."""
+    from clicooper.config import resume_changes
+    from clicooper.programs import make_transport
+
+    cfg = _cfg(job={"name": "w", "ack_window": 8})
+    manifest, _ = _make(cfg, tmp_path / "keys")
+    keys = PartyKeys.load(tmp_path / "keys" / "trainer_1", manifest)
+    t = make_transport(manifest, keys, listen="127.0.0.1:0")
+    try:
+        assert t.options.ack_window == 8
+    finally:
+        t.close()
+    assert resume_changes(cfg, cfg.replace(job={"ack_window": 1})) == [
+        {"field": "job.ack_window", "from": 8, "to": 1}
+    ]
+
+
 def test_manifest_is_public_and_checked(tmp_path):
     cfg = _cfg(watermark={"enabled": True, "n_bits": 64})
     manifest, _ = _make(cfg, tmp_path / "keys")

@@ -67,12 +67,14 @@ def main() -> None:
     from clicooper.bench.hosting import HostOnly
     from clicooper.config import JobConfig
     from clicooper.job import ChainJob, prepare_data
-    from clicooper.transport.grpc import GrpcTransport, Roster, TlsCredentials
+    from clicooper.transport.grpc import GrpcOptions, GrpcTransport, Roster, TlsCredentials
 
     cfg = JobConfig.model_validate_json(Path(cfg_path).read_text(), context={"programmatic": True})
     data = prepare_data(cfg) if party == "data_owner" else _stand_in(json.loads(Path(shapes).read_text()))
     roster = Roster.chain(JOB, cfg.model.n_trainers)
-    grpc = GrpcTransport(roster, {party: "127.0.0.1:0"}, tls={party: TlsCredentials.load(f"{pki}/{party}")})
+    tls = {party: TlsCredentials.load(f"{pki}/{party}")}
+    options = GrpcOptions(ack_window=cfg.job.ack_window)  # as the party programs take it
+    grpc = GrpcTransport(roster, {party: "127.0.0.1:0"}, tls=tls, options=options)
     job = ChainJob(cfg, data, None, transport=HostOnly(grpc, party), job_id=JOB)
     print("READY", grpc.addresses[party], flush=True)
     grpc.addresses.update(json.loads(sys.stdin.readline()))
