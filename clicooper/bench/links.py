@@ -9,8 +9,11 @@ shaped to a one-way latency and a rate.
 - `LinkShim`: a `StageTimer` whose sends are delayed as on a WAN link: each directed link carries
   one message at a time at `rate_bps` (serialisation), then the message arrives `latency_s` later.
   Delivery order per link is kept. Sizes are the tensors' bytes plus a 256-byte header allowance.
-  With `acked`, `send` also returns only when the receiver's acknowledgement would be back (arrival
-  plus one more latency), as the gRPC transport's per-frame acknowledgements make it.
+  With `acked`, the link's acknowledgements are modelled as the gRPC transport's are: each comes
+  back one latency after its message arrives, `send` returns once at most `window - 1` of the
+  link's messages await one (window 1: it waits for its own), and a party sending an ordered
+  message on a different link than its last ordered one first waits for every acknowledgement on
+  that one (`GrpcOptions.ack_window`, `roster.UNORDERED_KINDS`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import heapq
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
 
 from clicooper.transport.base import Handler, Transport, TransportError
 from clicooper.transport.codec import decode, encode
+from clicooper.transport.grpc.roster import UNORDERED_KINDS
 from clicooper.transport.messages import Message
 
 _STOP = object()
@@ -139,11 +143,15 @@ class StageTimer(Transport):
 class LinkSpec:
     latency_s: float  # one way
     rate_bps: float | None  # bits per second; None: unlimited
-    acked: bool = False  # send blocks until the acknowledgement is back (gRPC's per-frame ack)
+    acked: bool = False  # sends wait for acknowledgements as the gRPC transport's do
+    window: int = 1  # with `acked`: messages a link may have awaiting acknowledgement
 
     def label(self) -> str:
         rate = "unlimited" if self.rate_bps is None else _rate(self.rate_bps)
-        return f"{self.latency_s * 1e3:g} ms, {rate}" + (", acked sends" if self.acked else "")
+        acked = (
+            "" if not self.acked else ", acked sends" + (f", window {self.window}" if self.window > 1 else "")
+        )
+        return f"{self.latency_s * 1e3:g} ms, {rate}{acked}"
 
 
 def _rate(bps: float) -> str:
@@ -171,11 +179,18 @@ class LinkShim(StageTimer):
         self._order = 0
         self._cv = threading.Condition()
         self._closed = False
+        self._acks: dict[tuple[str, str], deque[float]] = {}  # per link: when each ack is back
+        self._last_hop: dict[str, tuple[str, str]] = {}  # per sender: the link it sent on last
         self._thread = threading.Thread(target=self._deliver, daemon=True)
         self._thread.start()
 
     def send(self, msg: Message) -> None:
         hop = (msg.header.sender, msg.header.receiver)
+        if self.link.acked and msg.KIND not in UNORDERED_KINDS:
+            last = self._last_hop.get(hop[0])
+            if last is not None and last != hop:  # switching links: everything on the last acked
+                self._wait_acks(last, 0)
+            self._last_hop[hop[0]] = hop
         now = time.perf_counter()
         with self._cv:
             start = max(now, self._free_at.get(hop, 0.0))
@@ -185,8 +200,16 @@ class LinkShim(StageTimer):
             arrival = start + busy + self.link.latency_s
             heapq.heappush(self._heap, (arrival, self._order, msg))
             self._cv.notify()
-        if self.link.acked:  # the sender waits for the receiver's acknowledgement to travel back
-            time.sleep(max(0.0, arrival + self.link.latency_s - time.perf_counter()))
+        if self.link.acked:  # the acknowledgement travels back one latency after arrival
+            self._acks.setdefault(hop, deque()).append(arrival + self.link.latency_s)
+            self._wait_acks(hop, self.link.window - 1)
+
+    def _wait_acks(self, hop: tuple[str, str], most: int) -> None:
+        """Sleep until at most `most` of the link's messages await their acknowledgement (each
+        link is used by its sender's thread only)."""
+        pending = self._acks.get(hop, deque())
+        while pending and (len(pending) > most or pending[0] <= time.perf_counter()):
+            time.sleep(max(0.0, pending.popleft() - time.perf_counter()))
 
     def _deliver(self) -> None:
         while True:
