@@ -64,19 +64,30 @@ class RawLink:
     """A long-lived raw stream (for fuzzing): one frame in, one acknowledgement out."""
 
     def __init__(self, creds: TlsCredentials, addr: str, receiver: str) -> None:
-        import queue
-
         cc = grpc.ssl_channel_credentials(
             root_certificates=creds.ca_cert, private_key=creds.private_key, certificate_chain=creds.cert_chain
         )
         opts = [("grpc.ssl_target_name_override", server_name(receiver)), *FAST.channel_options()]
         self.channel = grpc.secure_channel(addr, cc, options=opts)
+        self._stream()
+
+    def _stream(self) -> None:
+        import queue
+
         self.q: queue.Queue = queue.Queue()
         self.call = self.channel.stream_stream(f"/{SERVICE}/{METHOD}")(iter(self.q.get, None))
 
     def exchange(self, frame: bytes) -> bytes:
+        """Send one frame and return its acknowledgement; after a refusal, continue on a new stream
+        (the server refuses the rest of a stream with a refused frame, and the transport's senders
+        dial a new one)."""
         self.q.put(frame)
-        return next(self.call)
+        ack = next(self.call)
+        if ack[:1] != b"\x00":
+            self.q.put(None)
+            self.call.cancel()
+            self._stream()
+        return ack
 
     def close(self) -> None:
         self.q.put(None)
