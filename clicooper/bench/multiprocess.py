@@ -158,11 +158,12 @@ def bench_multiprocess(
     cfg: JobConfig,
     data: DatasetSplits,
     repeats: int = 3,
-    variants: dict[str, dict] | None = None,
+    variants: dict[str, dict[str, dict]] | None = None,
     threads: int | None = None,
 ) -> MultiprocessBench:
-    """`variants`: name -> `[training]` overrides, each run as its own process group. `threads` per
-    process defaults to this machine's cores shared among one group's processes (`threads_for`)."""
+    """`variants`: name -> configuration overrides by section (e.g. `{"training": {"micro_batches":
+    4}}`), each run as its own process group. `threads` per process defaults to this machine's
+    cores shared among one group's processes (`threads_for`)."""
     cfg = cfg.replace(training={"epochs": 1})
     threads = threads_for(threads, cfg.model.n_trainers + 1)
     variants = variants or {"gRPC + mTLS": {}}
@@ -175,7 +176,7 @@ def bench_multiprocess(
         groups = {}
         try:
             for v, over in variants.items():
-                groups[v] = _Group(cfg.replace(training=over), data, Path(tmp), f"g{len(groups)}", threads)
+                groups[v] = _Group(cfg.replace(**over), data, Path(tmp), f"g{len(groups)}", threads)
             for rnd in range(repeats):
                 times["in-process"].append(timed(lambda r=rnd: job.data_owner.train_round(r)))
                 for v, g in groups.items():

@@ -76,7 +76,12 @@ def _multiprocess(o: Options) -> BenchResult:
         cfg = bench_config(True, model={"n_trainers": 1}, training={"batch_size": 128})
         return bench_multiprocess(cfg, prepare_data(cfg), o.repeats or 1, threads=o.threads)
     cfg = bench_config(False, data={"train_subset": 6400}, training={"batch_size": 128})
-    variants = {"gRPC + mTLS": {}, "gRPC + mTLS, 4 micro-batches": {"micro_batches": 4}}
+    piped = {"micro_batches": 4}
+    variants = {
+        "gRPC + mTLS": {},
+        "gRPC + mTLS, 4 micro-batches": {"training": piped},
+        "gRPC + mTLS, 4 micro-batches, window 8": {"training": piped, "job": {"ack_window": 8}},
+    }
     return bench_multiprocess(cfg, prepare_data(cfg), o.repeats or 3, variants=variants, threads=o.threads)
 
 
