@@ -488,27 +488,41 @@ def test_a_windowed_link_streams_frames_and_keeps_their_order(roster, pki, closi
     assert torch.equal(got[2].activation, torch.full((2,), 3.0))
 
 
-def test_a_refusal_on_a_windowed_link_surfaces_later_and_leaves_no_gap(roster, pki, closing, monkeypatch):
-    """Frame 2 of 1..3 is refused: the link's next send raises, naming step 2's frame; frame 3, sent
-    before the sender knew, is refused too (no gap); the next send dials a new stream and arrives."""
+def test_a_refusal_on_a_windowed_link_reaches_the_data_owner_and_leaves_no_gap(
+    roster, pki, closing, monkeypatch
+):
+    """Frame 2 of 1..3 from the data owner is refused after its send returned: the data owner's
+    receive raises it, naming step 2's frame; frame 3, sent before the sender knew, is refused too
+    (no gap); the link's next send dials a new stream and arrives. A trainer's refused frame reaches
+    the data owner as that trainer's Abort."""
     got: list = []
-    t2 = endpoint(roster, pki, "trainer_2", got.append, {})
-    _slow_accept(monkeypatch, t2, 0.05, refuse=lambda m: m.header.seq == 2)
-    t1 = endpoint(roster, pki, "trainer_1", None, dict(t2.addresses), options=WINDOWED)
-    closing.extend([t1, t2])
+    book: dict[str, str] = {}
+    t1 = endpoint(roster, pki, "trainer_1", got.append, book)
+    _slow_accept(monkeypatch, t1, 0.05, refuse=lambda m: m.header.seq == 2)
+    do = endpoint(roster, pki, "data_owner", None, book, options=WINDOWED)
+    closing.extend([do, t1])
     for seq in (1, 2, 3):
-        t1.send(_fwd("trainer_1", "trainer_2", seq, torch.ones(2), step=seq))
-    link = t1._links[("trainer_1", "trainer_2")]
+        do.send(_fwd("data_owner", "trainer_1", seq, torch.ones(2), step=seq))
     time.sleep(0.5)  # the receiver sees all three frames before the sender acts on the refusal
     with pytest.raises(
-        TransportError, match=r"trainer_2 refused forward \(round 0 step 2.*refused on purpose"
+        TransportError, match=r"trainer_1 refused forward \(round 0 step 2.*refused on purpose"
     ):
-        link.flush(10)
-    t1.send(_fwd("trainer_1", "trainer_2", 4, torch.ones(2), step=4))
-    assert link.flush(10)
+        do.receive("data_owner", timeout=5)
+    do.send(_fwd("data_owner", "trainer_1", 4, torch.ones(2), step=4))
+    assert do._links[("data_owner", "trainer_1")].flush(10)
     _wait_for(lambda: len(got) == 2)
     assert [m.header.seq for m in got] == [1, 4]
-    assert len(t2.refused) == 1 and "refused on purpose" in t2.refused[0]  # frame 3's echo is not logged
+    assert len(t1.refused) == 1 and "refused on purpose" in t1.refused[0]  # frame 3's echo is not logged
+    # a trainer's windowed link: its refusal travels to the data owner as an Abort
+    t3 = endpoint(roster, pki, "trainer_3", lambda m: None, book)
+    _slow_accept(monkeypatch, t3, 0.0, refuse=lambda m: True)
+    t2 = endpoint(roster, pki, "trainer_2", None, dict(book), options=WINDOWED)
+    closing.extend([t2, t3])
+    t2.send(_fwd("trainer_2", "trainer_3", 1, torch.ones(2)))
+    with pytest.raises(
+        RemoteAbort, match="trainer_2 aborted: trainer_3 refused forward .*refused on purpose"
+    ):
+        do.receive("data_owner", timeout=5)
 
 
 def test_a_party_switching_links_waits_for_the_last_one(roster, pki, closing, monkeypatch):

@@ -10,18 +10,18 @@ the receiver answers every frame with one acknowledgement frame:
     b"\\x01" + UTF-8 reason  refused: the reason says what was wrong; every later frame on the
                              same stream is refused too (the sender dials a new stream)
 
-With `GrpcOptions.ack_window = 1` (the default) `send` returns only once the receiver has queued
-the message, so a message a party sends after another message was acknowledged can never overtake
-it at any receiver: the causal order the in-process transport's global FIFO gave (Targets and
-Nonce before the Forward that needs them) holds over the network too. With a window of W > 1, a
-send returns while up to W - 1 earlier frames on its link still await acknowledgement (a reader
-thread takes them), so a sender streams frames over a slow link; a refusal is raised by the link's
-next `send` or `flush`. The causal order still holds: before a party sends on a different link
-than the last it sent an ordered message on, it waits until everything on that one is
-acknowledged (`Abort` and `Backward` need no order: `roster.UNORDERED_KINDS`), and a stream stops
-delivering at its first refused frame, so nothing arrives out of order or past a gap. Each
-receiving party has one queue: reactive parties are called from one dispatch thread each; a
-pulling party (the data owner) reads its queue with `receive`.
+With `GrpcOptions.ack_window = 1` (the default) `send` returns only once the receiver has queued the
+message, so a message a party sends after another message was acknowledged can never overtake it at
+any receiver: the causal order the in-process transport's global FIFO gave (Targets and Nonce before
+the Forward that needs them) holds over the network too. With a window of W > 1, a send returns
+while up to W - 1 earlier frames on its link still await acknowledgement (a reader thread takes
+them), so a sender streams frames over a slow link; a refusal found then is reported to the data
+owner at once (its `receive` raises it, or the sender reports an `Abort`). The causal order still
+holds: before a party sends on a different link than the last it sent an ordered message on, it
+waits until everything on that one is acknowledged (`Abort` and `Backward` need no order:
+`roster.UNORDERED_KINDS`), and a stream stops delivering at its first refused frame, so nothing
+arrives out of order or past a gap. Each receiving party has one queue: reactive parties are called
+from one dispatch thread each; a pulling party (the data owner) reads its queue with `receive`.
 
 The server checks, before anything reaches a party: the peer's certificate chains to the job's CA
 (TLS), its identity is in the roster with a link to the receiving party (`Roster.check_link`),
@@ -251,10 +251,11 @@ class _Link:
     # -- windowed links (ack_window > 1) --------------------------------------
     def _send_windowed(self, frame: bytes, what: str) -> None:
         """Queue the frame on the stream and return once at most `ack_window - 1` of this link's
-        frames await acknowledgement. A refusal, or a stream that ended with frames unacknowledged,
-        is raised by the next `send` or `flush` on the link, naming the frame it concerns."""
+        frames await acknowledgement. A refusal, or a stream that ends with frames unacknowledged,
+        is found by the acknowledgement reader after the send returned: it reports it to the data
+        owner at once (`GrpcTransport._link_failed`), and the link's next send dials a new stream."""
         with self.lock:
-            self._raise_failure()
+            self._drop_failed_stream()
             if self.call is not None and self.call.done():
                 self.close()  # ended with nothing outstanding (the peer went away idle): dial again
             if self.call is None:
@@ -268,8 +269,8 @@ class _Link:
             self._wait_acks(self.t.options.ack_window - 1)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every frame sent on this link is acknowledged (False if `timeout` ran out
-        first); raise the first failure."""
+        """Wait until no frame on this link awaits acknowledgement; True if all were accepted (False
+        if one failed, reported already, or `timeout` ran out first)."""
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
             return False  # a send holds the link (waiting on the window) for longer
         try:
@@ -278,17 +279,18 @@ class _Link:
             self.lock.release()
 
     def _wait_acks(self, most: int, timeout: float | None = None) -> bool:
+        """Wait until at most `most` frames await acknowledgement (a failure clears them all);
+        whether the stream is still intact."""
         with self.acks:  # the deadline thread cancels a stream whose acknowledgement is overdue
-            done = self.acks.wait_for(lambda: len(self.unacked) <= most or self.failure is not None, timeout)
-        self._raise_failure()
-        return done
+            done = self.acks.wait_for(lambda: len(self.unacked) <= most, timeout)
+            return done and self.failure is None
 
-    def _raise_failure(self) -> None:
+    def _drop_failed_stream(self) -> None:
+        """After a failure (already reported) the stream delivers nothing more: end it."""
         with self.acks:
-            error, self.failure = self.failure, None
-        if error is not None:
+            failed = self.failure is not None
+        if failed:
             self.close()
-            raise error
 
     def _read_acks(self, call) -> None:
         """Reader of one windowed stream's acknowledgements, in order of the frames they answer."""
@@ -313,11 +315,14 @@ class _Link:
                     f"{self.sender} -> {self.receiver}: the stream ended with {len(self.unacked)} "
                     f"frame(s) unacknowledged, the first {self.unacked[0]}"
                 )
-            if error is not None and self.call is call:
+            current = error is not None and self.call is call  # not a stream that close() ended
+            if current:
                 self.failure = error
                 self.unacked.clear()
                 self.waiting_since = None
             self.acks.notify_all()
+        if current:  # the sender may send nothing more on this link for a long time: tell now
+            self.t._link_failed(self.sender, error)
 
     def close(self) -> None:
         """End the stream and forget what it had outstanding (the next send dials again)."""
@@ -552,6 +557,20 @@ class GrpcTransport(Transport):
                     self.handler_errors.append(reason)
                 self.report(party, reason, msg.header)
 
+    def _link_failed(self, sender: str, error: TransportError) -> None:
+        """A windowed link learnt after its `send` returned that a frame was refused or lost. The
+        data owner hears of it at once, as of a party's failure with a window of 1: its own
+        `receive` raises it, or the sending party reports it as an `Abort` (on a new stream if the
+        failed link is the one to the data owner)."""
+        if self._closed:
+            return
+        do = self.roster.data_owner
+        if sender == do:
+            self._queues[do].put(error)
+            return
+        log.error("%s", error)
+        self.report(sender, str(error))
+
     def report(self, party: str, reason: str, about: Header | None = None) -> bool:
         """Send an Abort from hosted `party` to the data owner, naming the round and step of `about`
         (best effort: a failure to report is logged). Whether it was delivered."""
@@ -616,6 +635,8 @@ class GrpcTransport(Transport):
             raise TransportError(f"{party}: transport closed")
         if isinstance(msg, Abort):
             raise RemoteAbort(msg)
+        if isinstance(msg, TransportError):  # one of this party's own windowed links failed
+            raise msg
         return msg
 
     def drain(self, party: str) -> list[Message]:
@@ -630,7 +651,8 @@ class GrpcTransport(Transport):
             if msg is _STOP:
                 q.put(_STOP)
                 break
-            out.append(msg)
+            if isinstance(msg, Message):  # not a failure notice of its own links: already handled
+                out.append(msg)
         return out
 
     def abort_all(self, sender: str, reason: str) -> list[str]:
@@ -652,14 +674,8 @@ class GrpcTransport(Transport):
             self._closed = True
             links = list(self._links.values())
         for link in links:
-            if link.unacked:  # windowed: let what was sent arrive (bounded), then end the stream
-                try:
-                    if not link.flush(grace + 1):
-                        log.warning(
-                            "%s -> %s: frames still unacknowledged at close", link.sender, link.receiver
-                        )
-                except TransportError as e:
-                    log.warning("%s", e)
+            if link.unacked and not link.flush(grace + 1):  # windowed: let what was sent arrive
+                log.warning("%s -> %s: not every frame acknowledged at close", link.sender, link.receiver)
             link.close()
         for q in self._queues.values():
             q.put(_STOP)
