@@ -64,8 +64,9 @@ class JobSection(_Section):
     threads: StrictInt | None = Field(None, ge=1, le=1024)
     # gRPC frames a party may have in flight on one link (GrpcOptions.ack_window): 1 = each send
     # waits for its acknowledgement; more lets a pipelined relay stream micro-batches over slow
-    # links. A deployment setting, like `threads`: a resume may change it.
-    ack_window: StrictInt = Field(1, ge=1, le=1024)
+    # links. None: `JobConfig.link_window()`. A deployment setting, like `threads`: a resume may
+    # change it.
+    ack_window: StrictInt | None = Field(None, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _safe_root(self) -> JobSection:
@@ -267,6 +268,15 @@ class JobConfig(_Section):
     training: TrainingSection = TrainingSection()
     privacy: PrivacySection = PrivacySection()
     watermark: WatermarkSection = WatermarkSection()
+
+    def link_window(self) -> int:
+        """gRPC frames a party may have awaiting acknowledgement on one link: `job.ack_window`, or
+        by default twice a pipelined step's micro-batches (a trainer then streams a whole step
+        without waiting a round trip for each), and 1 without pipelining."""
+        if self.job.ack_window is not None:
+            return self.job.ack_window
+        m = self.training.micro_batches
+        return 2 * m if m > 1 else 1
 
     @model_validator(mode="after")
     def _model_fits(self, info: ValidationInfo) -> JobConfig:

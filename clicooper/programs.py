@@ -111,7 +111,7 @@ def make_transport(
     if keys.tls is None and not insecure:
         raise ProgramError(f"{keys.name} has no TLS credentials (tls/ in its identity folder)")
     tls = {keys.name: keys.tls} if keys.tls is not None else None
-    options = options or GrpcOptions(ack_window=manifest.config.job.ack_window)
+    options = options or GrpcOptions(ack_window=manifest.config.link_window())
     return GrpcTransport(manifest.roster(), book, tls=tls, insecure=insecure, options=options)
 
 

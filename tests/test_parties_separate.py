@@ -213,7 +213,8 @@ def test_the_data_owner_cannot_sign_as_a_trainer(defended, tmp_path):
 
 
 def test_a_party_program_takes_its_acknowledgement_window_from_the_job(tmp_path):
-    """`[job] ack_window` reaches each party program's gRPC transport; a resume may change it."""
+    """`[job] ack_window` reaches each party program's gRPC transport (by default twice the
+    micro-batches of a pipelined step); a resume may change it."""
     from clicooper.config import resume_changes
     from clicooper.programs import make_transport
 
@@ -228,6 +229,10 @@ def test_a_party_program_takes_its_acknowledgement_window_from_the_job(tmp_path)
     assert resume_changes(cfg, cfg.replace(job={"ack_window": 1})) == [
         {"field": "job.ack_window", "from": 8, "to": 1}
     ]
+    # by default: twice a pipelined step's micro-batches, 1 without pipelining
+    assert _cfg().link_window() == 1
+    assert _cfg(training={"micro_batches": 4}).link_window() == 8
+    assert _cfg(job={"ack_window": 3}, training={"micro_batches": 4}).link_window() == 3
 
 
 def test_manifest_is_public_and_checked(tmp_path):

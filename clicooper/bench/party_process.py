@@ -73,7 +73,7 @@ def main() -> None:
     data = prepare_data(cfg) if party == "data_owner" else _stand_in(json.loads(Path(shapes).read_text()))
     roster = Roster.chain(JOB, cfg.model.n_trainers)
     tls = {party: TlsCredentials.load(f"{pki}/{party}")}
-    options = GrpcOptions(ack_window=cfg.job.ack_window)  # as the party programs take it
+    options = GrpcOptions(ack_window=cfg.link_window())  # as the party programs take it
     grpc = GrpcTransport(roster, {party: "127.0.0.1:0"}, tls=tls, options=options)
     job = ChainJob(cfg, data, None, transport=HostOnly(grpc, party), job_id=JOB)
     print("READY", grpc.addresses[party], flush=True)
