@@ -334,12 +334,14 @@ def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
     """kill -9 of trainer_2 during round 2 of 4: the launcher starts it again on the same address,
     it resumes from its own checkpoint, the data owner pauses, rewinds every party to the last
     completed round and goes on; the job completes, epsilon counts the re-released round, the
-    verifier's log records the rewind and the chain verifies."""
+    verifier's log records the rewind and the chain verifies. With DP, watermarks and a pipelined
+    relay whose links stream (4 micro-batches: an acknowledgement window of 8) all at once."""
     cfg = _cfg(
         privacy={"dp": True, "epsilon": 50.0, "clip": 5.0, "release": "per-step", "gamma": 2},
         watermark={"enabled": True, "n_bits": 64},
-        training={"epochs": 4},
+        training={"epochs": 4, "micro_batches": 4},
     )
+    assert cfg.link_window() == 8
     _make(cfg, tmp_path / "keys")
     run = tmp_path / "run"
     r, _ = _launch_and_kill_trainer_2_in_round_2(tmp_path / "keys" / "manifest.json", run)
