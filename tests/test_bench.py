@@ -69,9 +69,9 @@ def test_acked_link_blocks_the_sender_for_the_round_trip():
 
 
 def test_windowed_acks_let_sends_go_on_until_the_sender_switches_links():
-    """Window 3 at 20 ms one way: two sends return at once; a send on another link first waits for
-    both acks (40 ms); the third send in a row on one link waits for the first one's ack."""
-    shim = LinkShim(ThreadedTransport(), LinkSpec(latency_s=0.02, rate_bps=None, acked=True, window=3))
+    """Window 3 at 100 ms one way: two sends return at once; a send on another link first waits for
+    both acks (200 ms); the third send in a row on one link waits for the first one's ack."""
+    shim = LinkShim(ThreadedTransport(), LinkSpec(latency_s=0.1, rate_bps=None, acked=True, window=3))
     for party in ("trainer_1", "trainer_3"):
         shim.register(party, lambda m: None)
     shim.register("data_owner", None)
@@ -82,10 +82,10 @@ def test_windowed_acks_let_sends_go_on_until_the_sender_switches_links():
         return time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    assert send("trainer_1", 1) < 0.02 and send("trainer_1", 2) < 0.02
-    assert 0.04 - 1e-3 <= send("trainer_3", 1) < 0.06  # switching: both acks on the last link first
-    assert send("trainer_3", 2) < 0.06
-    assert send("trainer_3", 3) >= 0.08 - 1e-3  # window full: the ack of trainer_3's first
+    assert send("trainer_1", 1) < 0.1 and send("trainer_1", 2) < 0.1
+    assert 0.2 - 1e-3 <= send("trainer_3", 1) < 0.3  # switching: both acks on the last link first
+    assert send("trainer_3", 2) < 0.3
+    assert send("trainer_3", 3) >= 0.4 - 1e-3  # window full: the ack of trainer_3's first
     shim.close()
     assert LinkSpec(0.01, 1e8, acked=True, window=16).label() == "10 ms, 100 Mbit/s, acked sends, window 16"
 
