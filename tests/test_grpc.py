@@ -442,6 +442,11 @@ def test_a_taken_port_is_a_clear_error(roster, pki, closing):
 WINDOWED = GrpcOptions(**{**FAST.__dict__, "ack_window": 4})
 
 
+def test_an_acknowledgement_window_below_one_is_refused():
+    with pytest.raises(ValueError, match="ack_window must be at least 1"):
+        GrpcOptions(ack_window=0)
+
+
 def _slow_accept(monkeypatch, t: GrpcTransport, delay: float, log_to: list | None = None, refuse=None):
     """Make `t` take `delay` seconds to accept each frame (and optionally refuse some), recording
     when each message was queued."""

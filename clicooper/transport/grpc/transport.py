@@ -87,6 +87,10 @@ class GrpcOptions:
     # waits for its own acknowledgement; more lets a sender stream frames over a slow link
     ack_window: int = 1
 
+    def __post_init__(self) -> None:
+        if self.ack_window < 1:  # 0 would make every send wait for ever
+            raise ValueError(f"ack_window must be at least 1, not {self.ack_window}")
+
     def _common(self) -> list[tuple[str, int | str]]:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
