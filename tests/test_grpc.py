@@ -62,6 +62,13 @@ def _fwd(sender, receiver, seq, x, *, step=0, job=JOB, kind=Forward):
     return kind(header=h, activation=x) if kind is Forward else kind(header=h, grad=x)
 
 
+def _wait_for(pred, timeout: float = 5.0) -> None:
+    """Poll until `pred()` holds or `timeout` seconds pass (the caller asserts what it needs)."""
+    deadline = time.time() + timeout
+    while not pred() and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_relay_over_mutual_tls(roster, pki, closing, tmp_path):
     """data_owner -> trainer_1 -> trainer_2 -> trainer_3 and the gradient back, each party its own
     transport and server: tensors arrive bit-exact, bytes are counted per hop."""
@@ -281,9 +288,7 @@ def test_oversize_messages_are_refused_cleanly(roster, pki, closing):
         t1.send(_fwd("trainer_1", "trainer_2", 2, big))
     # the link re-opens and the receiver keeps serving
     t1.send(_fwd("trainer_1", "trainer_2", 3, torch.ones(4)))
-    deadline = time.time() + 5
-    while not got and time.time() < deadline:
-        time.sleep(0.02)
+    _wait_for(lambda: got)
     assert [m.header.seq for m in got] == [3]
 
 
@@ -424,9 +429,7 @@ def test_a_flooding_neighbour_is_refused_once_the_backlog_is_full(roster, pki, c
     assert sent in (3, 4)  # three pending, and one in the handler unless it had not started yet
     assert "3 messages already pending" in refused
     release.set()
-    deadline = time.time() + 5
-    while len(got) < sent and time.time() < deadline:
-        time.sleep(0.02)
+    _wait_for(lambda: len(got) >= sent)
     t1.send(_fwd("trainer_1", "trainer_2", 20, torch.ones(2)))  # served again once drained
 
 
@@ -463,12 +466,6 @@ def _slow_accept(monkeypatch, t: GrpcTransport, delay: float, log_to: list | Non
         return err
 
     monkeypatch.setattr(t, "_accept", slow)
-
-
-def _wait_for(pred, timeout: float = 5.0) -> None:
-    deadline = time.time() + timeout
-    while not pred() and time.time() < deadline:
-        time.sleep(0.01)
 
 
 def test_a_windowed_link_streams_frames_and_keeps_their_order(roster, pki, closing, monkeypatch):

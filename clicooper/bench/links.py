@@ -148,10 +148,12 @@ class LinkSpec:
 
     def label(self) -> str:
         rate = "unlimited" if self.rate_bps is None else _rate(self.rate_bps)
-        acked = (
-            "" if not self.acked else ", acked sends" + (f", window {self.window}" if self.window > 1 else "")
-        )
-        return f"{self.latency_s * 1e3:g} ms, {rate}{acked}"
+        label = f"{self.latency_s * 1e3:g} ms, {rate}"
+        if self.acked:
+            label += ", acked sends"
+            if self.window > 1:
+                label += f", window {self.window}"
+        return label
 
 
 def _rate(bps: float) -> str:

@@ -88,7 +88,8 @@ def _prefix(msg: Message) -> bytes:
         "tensors": tensors_meta,
     }
     head = _JSON.encode(header).encode()
-    return struct.pack(">I", len(head) + _pad(4 + len(head))) + head + b" " * _pad(4 + len(head))
+    head += b" " * _pad(4 + len(head))  # the tensors that follow start on an ALIGN boundary
+    return struct.pack(">I", len(head)) + head
 
 
 def _wire_parts(msg: Message) -> list[bytes | memoryview]:

@@ -130,10 +130,11 @@ class _Link:
         self.done: threading.Event | None = None
         self.waiting_since: float | None = None  # when the oldest unacknowledged frame was sent
         self.overdue = False
-        # windowed links (ack_window > 1): frames awaiting acknowledgement, read by `_read_acks`
+        # windowed links (ack_window > 1): each frame awaiting acknowledgement (what it is, when it
+        # was sent), taken off by `_read_acks`; `failed` once the stream lost one (already reported)
         self.acks = threading.Condition()
-        self.unacked: deque[str] = deque()
-        self.failure: TransportError | None = None
+        self.unacked: deque[tuple[str, float]] = deque()
+        self.failed = False
 
     def _make_channel(self) -> grpc.Channel:
         addr = self.t.addresses.get(self.receiver)
@@ -209,11 +210,7 @@ class _Link:
             self._send_windowed(frame, what)
             return
         with self.lock:
-            if self.call is not None and self.call.done():
-                self.close()  # the stream ended before this frame (the peer went away): dial again
-            if self.call is None:
-                self._open()
-            assert self.requests is not None
+            self._ensure_stream()
             self.overdue = False
             self.waiting_since = time.monotonic()
             self.requests.put(frame)
@@ -259,16 +256,12 @@ class _Link:
         is found by the acknowledgement reader after the send returned: it reports it to the data
         owner at once (`GrpcTransport._link_failed`), and the link's next send dials a new stream."""
         with self.lock:
-            self._drop_failed_stream()
-            if self.call is not None and self.call.done():
-                self.close()  # ended with nothing outstanding (the peer went away idle): dial again
-            if self.call is None:
-                self._open()
-            assert self.requests is not None
+            self._ensure_stream()
             with self.acks:
+                now = time.monotonic()
                 if not self.unacked:
-                    self.overdue, self.waiting_since = False, time.monotonic()
-                self.unacked.append(what)
+                    self.overdue, self.waiting_since = False, now
+                self.unacked.append((what, now))
             self.requests.put(frame)
             self._wait_acks(self.t.options.ack_window - 1)
 
@@ -287,14 +280,19 @@ class _Link:
         whether the stream is still intact."""
         with self.acks:  # the deadline thread cancels a stream whose acknowledgement is overdue
             done = self.acks.wait_for(lambda: len(self.unacked) <= most, timeout)
-            return done and self.failure is None
+            return done and not self.failed
 
-    def _drop_failed_stream(self) -> None:
-        """After a failure (already reported) the stream delivers nothing more: end it."""
+    def _ensure_stream(self) -> None:
+        """A stream to send on (called holding `lock`): dial again when the stream ended before
+        this frame (the peer went away, or closed it idle) or lost a frame (a windowed link's
+        failure, already reported: the stream delivers nothing more)."""
         with self.acks:
-            failed = self.failure is not None
-        if failed:
+            stale = self.failed or (self.call is not None and self.call.done())
+        if stale:
             self.close()
+        if self.call is None:
+            self._open()
+        assert self.requests is not None
 
     def _read_acks(self, call) -> None:
         """Reader of one windowed stream's acknowledgements, in order of the frames they answer."""
@@ -302,26 +300,26 @@ class _Link:
         try:
             for ack in call:
                 with self.acks:
-                    what = self.unacked.popleft() if self.unacked else "a frame"
-                    self.waiting_since = time.monotonic() if self.unacked else None
+                    what = self.unacked.popleft()[0] if self.unacked else "a frame"
+                    self.waiting_since = self.unacked[0][1] if self.unacked else None
                     self.acks.notify_all()
                 error = self._ack_error(ack, what)
                 if error is not None:
                     break
         except grpc.RpcError as e:
             with self.acks:
-                what = self.unacked[0] if self.unacked else None
+                what = self.unacked[0][0] if self.unacked else None
             if what is not None:
                 error = self._ack_error(e, what)
         with self.acks:
             if error is None and self.unacked:
                 error = TransportError(
                     f"{self.sender} -> {self.receiver}: the stream ended with {len(self.unacked)} "
-                    f"frame(s) unacknowledged, the first {self.unacked[0]}"
+                    f"frame(s) unacknowledged, the first {self.unacked[0][0]}"
                 )
             current = error is not None and self.call is call  # not a stream that close() ended
             if current:
-                self.failure = error
+                self.failed = True
                 self.unacked.clear()
                 self.waiting_since = None
             self.acks.notify_all()
@@ -333,7 +331,7 @@ class _Link:
         with self.acks:  # an acknowledgement reader of the old stream no longer reports to the link
             call, self.call = self.call, None
             self.unacked.clear()
-            self.failure = self.waiting_since = None
+            self.failed, self.waiting_since = False, None
         if self.done is not None:
             self.done.set()
         if self.requests is not None:
@@ -383,7 +381,7 @@ class GrpcTransport(Transport):
         self._queues: dict[str, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
         self._links: dict[tuple[str, str], _Link] = {}
-        self._sending: dict[str, threading.RLock] = {}  # per hosted party: one send at a time
+        self._sending: dict[str, threading.Lock] = {}  # per hosted party: one ordered send at a time
         self._last_link: dict[str, _Link] = {}  # per hosted party: the link it sent on last
         self._seq_in: dict[tuple[str, str], int] = {}
         self._closed = False
@@ -449,7 +447,7 @@ class GrpcTransport(Transport):
         self.addresses[party] = f"{host}:{port}"
         q: queue.Queue = queue.Queue()
         self._queues[party] = q
-        self._sending[party] = threading.RLock()
+        self._sending[party] = threading.Lock()
         if handler is not None:
             th = threading.Thread(
                 target=self._dispatch, args=(party, handler, q), name=f"party-{party}", daemon=True
@@ -612,17 +610,16 @@ class GrpcTransport(Transport):
                 link = self._links[(h.sender, h.receiver)] = _Link(self, h.sender, h.receiver)
         with self._lock:  # counted when handed to the link (before the receiver can act on it)
             self._count(msg, len(data))
-        if self.options.ack_window == 1 or msg.KIND == ABORT:  # an Abort overtakes: nothing waits
+        if self.options.ack_window == 1 or msg.KIND in UNORDERED_KINDS:  # nothing to wait for first
             link.send(data, what)
             return
         with self._sending[h.sender]:
-            if msg.KIND not in UNORDERED_KINDS:
-                prev = self._last_link.get(h.sender)
-                if prev is not None and prev is not link:
-                    # causal order over windowed links: what this party sent before reaches its
-                    # receiver before anything this message sets off can reach it
-                    prev.flush()
-                self._last_link[h.sender] = link
+            prev = self._last_link.get(h.sender)
+            if prev is not None and prev is not link:
+                # causal order over windowed links: what this party sent before reaches its
+                # receiver before anything this message sets off can reach it
+                prev.flush()
+            self._last_link[h.sender] = link
             link.send(data, what)
 
     def receive(self, party: str, timeout: float | None = None) -> Message:
