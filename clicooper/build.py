@@ -26,6 +26,7 @@ from clicooper.provenance.stage import StageProvenance
 from clicooper.schedule import RoundLr, schedule
 from clicooper.seeding import derive_seed
 from clicooper.transport.base import Transport
+from clicooper.transport.precision import WIRE_DTYPES
 
 
 def make_optimizer(params, cfg: TrainingSection) -> torch.optim.Optimizer:
@@ -178,6 +179,7 @@ def build_trainer(
         checkpoint_dir=checkpoint_dir,
         lr_schedule=lr_schedule(cfg.training),
         rounds=cfg.training.epochs if spec is not None else None,
+        wire_dtype=WIRE_DTYPES[cfg.training.wire_dtype],
     )
 
 

@@ -65,6 +65,7 @@ from clicooper.schedule import set_lr
 from clicooper.seeding import epoch_batches
 from clicooper.transport import InProcTransport, Transport
 from clicooper.transport.messages import Rewind
+from clicooper.transport.precision import WIRE_DTYPES
 
 EpochCallback = Callable[[dict], None]
 StepCallback = Callable[[int, int], None]
@@ -454,6 +455,7 @@ class ChainJob:
             checkpoint_dir=run_dir / DATA_OWNER if run_dir else None,
             lr_schedule=lr_schedule(tcfg),
             micro_batches=tcfg.micro_batches,
+            wire_dtype=WIRE_DTYPES[tcfg.wire_dtype],
         )
         for t in self.trainers:
             t.register_with_verifier()

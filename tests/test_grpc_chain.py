@@ -27,11 +27,15 @@ def _weights(job: ChainJob) -> list[torch.Tensor]:
     return [v for s in segs for v in s.state_dict().values()]
 
 
-@pytest.mark.parametrize(("ack_window", "micro_batches"), [(1, 1), (8, 4)])
-def test_chain_over_grpc_mtls_reaches_the_in_process_weights(digits, ack_window, micro_batches):
+@pytest.mark.parametrize(
+    ("ack_window", "training"),
+    [(1, {}), (8, {"micro_batches": 4}), (1, {"wire_dtype": "bfloat16"})],
+)
+def test_chain_over_grpc_mtls_reaches_the_in_process_weights(digits, ack_window, training):
     """Also with windowed acknowledgements and a pipelined relay (sends that do not wait for each
-    acknowledgement): the same weights, bit for bit."""
-    cfg = tiny_config(training={"epochs": 2, "micro_batches": micro_batches})
+    acknowledgement), and with bfloat16 links (the same casts on either transport): the same
+    weights, bit for bit."""
+    cfg = tiny_config(training={"epochs": 2, **training})
     with _grpc("gchain", 3, ack_window=ack_window) as tr:
         job = ChainJob(cfg, digits, None, transport=tr, job_id="gchain")
         summary = job.run()

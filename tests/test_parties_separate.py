@@ -334,12 +334,15 @@ def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
     """kill -9 of trainer_2 during round 2 of 4: the launcher starts it again on the same address,
     it resumes from its own checkpoint, the data owner pauses, rewinds every party to the last
     completed round and goes on; the job completes, epsilon counts the re-released round, the
-    verifier's log records the rewind and the chain verifies. With DP, watermarks and a pipelined
-    relay whose links stream (4 micro-batches: an acknowledgement window of 8) all at once."""
+    verifier's log records the rewind and the chain verifies, and the model has learned. With DP,
+    watermarks and a pipelined relay whose links stream (4 micro-batches: an acknowledgement window
+    of 8) all at once. (The DP architecture's 16-number release learns under per-step noise: 0.49 to
+    0.64 test accuracy over eight uninterrupted in-process runs of this job, chance being 0.1.)"""
     cfg = _cfg(
-        privacy={"dp": True, "epsilon": 50.0, "clip": 5.0, "release": "per-step", "gamma": 2},
+        model={"arch": "small-cnn-dp", "n_trainers": 3},
+        privacy={"dp": True, "epsilon": 50.0, "clip": 1.0, "release": "per-step", "gamma": 2},
         watermark={"enabled": True, "n_bits": 64},
-        training={"epochs": 4, "micro_batches": 4},
+        training={"epochs": 4, "micro_batches": 4, "optimizer": "adam", "lr": 0.01},
     )
     assert cfg.link_window() == 8
     _make(cfg, tmp_path / "keys")
@@ -352,6 +355,7 @@ def test_kill_9_of_a_trainer_mid_run_then_restart_completes(tmp_path):
     if ledger["releases"] > 4:  # the interrupted round had released: counted, never reset
         assert r.summary["epsilon"] > 50.0 * 1.0001
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()][-1] == 4
+    assert r.summary["test_accuracy"] > 0.3
 
 
 def test_keys_job_command_and_a_served_party_stops_cleanly_on_sigterm(tmp_path):

@@ -81,6 +81,7 @@ def _multiprocess(o: Options) -> BenchResult:
         "gRPC + mTLS": {},
         "gRPC + mTLS, 4 micro-batches, window 1": {"training": piped, "job": {"ack_window": 1}},
         "gRPC + mTLS, 4 micro-batches, window 8": {"training": piped},  # the default window: 2 x 4
+        "gRPC + mTLS, bfloat16 links": {"training": {"wire_dtype": "bfloat16"}},  # half the bytes
     }
     return bench_multiprocess(cfg, prepare_data(cfg), o.repeats or 3, variants=variants, threads=o.threads)
 
@@ -98,7 +99,7 @@ def _wan(o: Options) -> BenchResult:
     cfg = bench_config(o.quick, training={"batch_size": 128})
     if o.quick:
         links = [LinkSpec(0.010, 100e6)]
-        return bench_wan(cfg, prepare_data(cfg), 1, links, [1, 4])
+        return bench_wan(cfg, prepare_data(cfg), 1, links, [1, 4], half_links=links)
     cfg = cfg.replace(data={"train_subset": 1280})
     return bench_wan(cfg, prepare_data(cfg), o.repeats or 1)
 

@@ -3,9 +3,10 @@
 Every party runs on its own thread (`ThreadedTransport`) behind a `LinkShim`; one training epoch of
 a subset of the default job at batch 128 per (link, micro-batches) point, with each party's idle
 share (1 - busy / epoch). Two more points repeat 10 ms / 100 Mbit/s with acknowledgements modelled
-as the gRPC transport's: every send waiting for its own (`ack_window` 1), and a window of 16. The
-issue's target: at 10 ms and 100 Mbit/s with 3 trainers, the pipelined epoch at most half the
-unpipelined one.
+as the gRPC transport's: every send waiting for its own (`ack_window` 1), and a window of 16; the
+last repeats the window of 16 with activations and gradients in bfloat16 on the wire
+(`training.wire_dtype`), half the bytes. The issue's target: at 10 ms and 100 Mbit/s with 3
+trainers, the pipelined epoch at most half the unpipelined one.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from clicooper.config import JobConfig
 from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob
 
+WINDOWED = LinkSpec(0.010, 100e6, acked=True, window=16)  # `ack_window` 16 (2 x 8 micro-batches)
 LINKS = [LinkSpec(latency, rate) for latency in (0.001, 0.010, 0.050) for rate in (100e6, 1e9)] + [
     LinkSpec(0.010, 100e6, acked=True),  # the gRPC transport waiting for each acknowledgement
-    LinkSpec(0.010, 100e6, acked=True, window=16),  # ... with `ack_window` 16 (2 x 8 micro-batches)
+    WINDOWED,
 ]
+HALF_LINKS = [WINDOWED]  # repeated with bfloat16 on the wire
 MICROS = [1, 8]
 
 
@@ -34,6 +37,7 @@ class WanPoint:
     epoch_s: list[float]
     idle_share: dict[str, float]
     acked: bool = False
+    wire_dtype: str = "float32"
 
 
 @dataclass
@@ -45,7 +49,9 @@ class WanBench:
     name: str = field(default="wan")
 
     def speedup(self, p: WanPoint) -> float:
-        base = next(q for q in self.points if q.link == p.link and q.micro_batches == 1)
+        base = next(
+            q for q in self.points if (q.link, q.wire_dtype, q.micro_batches) == (p.link, p.wire_dtype, 1)
+        )
         return median(base.epoch_s) / median(p.epoch_s)
 
     def title(self) -> str:
@@ -55,12 +61,20 @@ class WanBench:
         )
 
     def columns(self) -> list[str]:
-        return ["link (one way)", "micro-batches", "epoch (s)", "pipelined speedup", "idle share per party"]
+        return [
+            "link (one way)",
+            "wire",
+            "micro-batches",
+            "epoch (s)",
+            "pipelined speedup",
+            "idle share per party",
+        ]
 
     def rows(self) -> list[list[str]]:
         return [
             [
                 p.link,
+                p.wire_dtype,
                 str(p.micro_batches),
                 f"{median(p.epoch_s):.2f}",
                 f"{self.speedup(p):.2f}x",
@@ -70,10 +84,22 @@ class WanBench:
         ]
 
     def notes(self) -> list[str]:
-        return [
+        notes = [
             "target: at 10 ms / 100 Mbit/s, pipelined epoch <= 0.5 x unpipelined "
             "(speedup >= 2x); parties share one interpreter (GIL) and this machine's cores"
         ]
+        for p in self.points:
+            if p.wire_dtype != "float32":
+                full = next(
+                    q
+                    for q in self.points
+                    if (q.link, q.micro_batches, q.wire_dtype) == (p.link, p.micro_batches, "float32")
+                )
+                notes.append(
+                    f"{p.link}, {p.micro_batches} micro-batches: {p.wire_dtype} links take "
+                    f"{median(p.epoch_s) / median(full.epoch_s):.2f} x the float32 epoch"
+                )
+        return notes
 
 
 def shaped_epoch(cfg: JobConfig, data: DatasetSplits, link: LinkSpec) -> tuple[float, dict[str, float]]:
@@ -94,18 +120,25 @@ def bench_wan(
     repeats: int = 1,
     links: list[LinkSpec] | None = None,
     micros: list[int] | None = None,
+    half_links: list[LinkSpec] | None = None,
 ) -> WanBench:
+    """Every link in `links` with float32 on the wire, then every one in `half_links` with bfloat16."""
     cfg = cfg.replace(training={"epochs": 1})
+    cases = [(link, "float32") for link in links or LINKS]
+    cases += [(link, "bfloat16") for link in (HALF_LINKS if half_links is None else half_links)]
     points = []
-    for link in links or LINKS:
+    for link, wire in cases:
         runs = {m: [] for m in micros or MICROS}
         idle: dict[int, list[dict[str, float]]] = {m: [] for m in runs}
         for _ in range(repeats):  # interleaved: unpipelined, pipelined, unpipelined, ...
             for m in runs:
-                t, share = shaped_epoch(cfg.replace(training={"micro_batches": m}), data, link)
+                job_cfg = cfg.replace(training={"micro_batches": m, "wire_dtype": wire})
+                t, share = shaped_epoch(job_cfg, data, link)
                 runs[m].append(t)
                 idle[m].append(share)
         for m, ts in runs.items():
             share = {p: median([s[p] for s in idle[m]]) for p in idle[m][0]}
-            points.append(WanPoint(link.label(), link.latency_s, link.rate_bps, m, ts, share, link.acked))
+            points.append(
+                WanPoint(link.label(), link.latency_s, link.rate_bps, m, ts, share, link.acked, wire)
+            )
     return WanBench(points, len(data.train_x), cfg.training.batch_size, cfg.model.n_trainers)

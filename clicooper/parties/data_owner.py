@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from clicooper.transport.messages import (
     RoundSealed,
     Targets,
 )
+from clicooper.transport.precision import from_wire, to_wire
 
 StepCallback = Callable[[int, int], None]
 
@@ -79,8 +80,10 @@ class DataOwner(Party):
         name: str = "data_owner",
         lr_schedule: RoundLr | None = None,
         micro_batches: int = 1,
+        wire_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(name, job_id, transport)
+        self.wire_dtype = wire_dtype  # activations and gradients travel in it (transport/precision.py)
         if micro_batches > 1 and tail is not None:
             raise ValueError("micro-batches are not supported in U-shaped mode")
         self.micro_batches = micro_batches
@@ -209,13 +212,31 @@ class DataOwner(Party):
 
     def _receive_grad(self, rnd: int, step: int, like: torch.Tensor) -> Backward:
         reply: Backward = self._receive(Backward, rnd, step)
+        self._check_grad(reply, like)
+        return reply
+
+    def _check_grad(self, reply: Backward, like: torch.Tensor) -> None:
         check_tensor(
             reply.grad,
             where=f"{self.name}: gradient from {self.first}",
-            dtype=torch.float32,
+            dtype=self.wire_dtype,
             shape=tuple(like.shape),
         )
-        return reply
+
+    def _receive_output(self, rnd: int, step: int, rows: int) -> torch.Tensor:
+        """The last trainer's output for a batch of `rows`, in float32 (logits, or U-shaped features)."""
+        out: Output = self._receive(Output, rnd, step)
+        t = out.output
+        if t.dtype != self.wire_dtype or t.dim() < 1 or t.shape[0] != rows:
+            raise ProtocolError(
+                f"{self.name}: output from {self.last} has dtype {t.dtype} and shape {tuple(t.shape)}, "
+                f"expected {self.wire_dtype} with {rows} rows"
+            )
+        return from_wire(t)
+
+    def _send_activation(self, rnd: int, step: int, a: torch.Tensor, **fields: Any) -> None:
+        wire = to_wire(a, self.wire_dtype, where=f"{self.name}: activation")
+        self.send(Forward, self.first, rnd, step, activation=wire, **fields)
 
     def _step(self, rnd: int, step: int, ids: torch.Tensor, released_all: torch.Tensor | None) -> float:
         """One unpipelined step; returns the chain's loss times the batch size."""
@@ -223,13 +244,13 @@ class DataOwner(Party):
         a_rel = self._release(ids, released_all)
         if self.tail is None:
             self.send(Targets, self.last, rnd, step, labels=self._targets[ids])
-        self.send(Forward, self.first, rnd, step, activation=a_rel.detach(), train=True)
+        self._send_activation(rnd, step, a_rel, train=True)
         if self.tail is not None:
             self._tail_step(rnd, step, self._loss_labels(y, ids))
         reply = self._receive_grad(rnd, step, a_rel)
         if released_all is None and self.head_optimizer is not None:
             self.head_optimizer.zero_grad(set_to_none=True)
-            a_rel.backward(reply.grad)
+            a_rel.backward(from_wire(reply.grad))
             self.head_optimizer.step()
         return reply.loss * len(ids)
 
@@ -247,16 +268,7 @@ class DataOwner(Party):
         released = []
         for m, cids in enumerate(chunks):
             a_rel = self._release(cids, released_all)
-            self.send(
-                Forward,
-                self.first,
-                rnd,
-                step,
-                activation=a_rel.detach(),
-                train=True,
-                micro=m,
-                micros=len(chunks),
-            )
+            self._send_activation(rnd, step, a_rel, train=True, micro=m, micros=len(chunks))
             released.append(a_rel)
         trains = released_all is None and self.head_optimizer is not None
         if trains:
@@ -270,14 +282,9 @@ class DataOwner(Party):
                 )
             pending.discard(reply.micro)
             a_rel = released[reply.micro]
-            check_tensor(
-                reply.grad,
-                where=f"{self.name}: gradient from {self.first}",
-                dtype=torch.float32,
-                shape=tuple(a_rel.shape),
-            )
+            self._check_grad(reply, a_rel)
             if trains:
-                a_rel.backward(reply.grad)
+                a_rel.backward(from_wire(reply.grad))
             loss_sum += reply.loss * len(a_rel)
         if trains:
             self.head_optimizer.step()
@@ -285,14 +292,14 @@ class DataOwner(Party):
 
     def _tail_step(self, rnd: int, step: int, y: torch.Tensor) -> None:
         """U-shaped: compute the loss on the returned features and send their gradient back."""
-        out: Output = self._receive(Output, rnd, step)
-        feats = out.output.requires_grad_(True)
+        feats = self._receive_output(rnd, step, len(y)).requires_grad_(True)
         self.tail.train()
         loss = F.cross_entropy(self.tail(feats), y)
         self.tail_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.tail_optimizer.step()
-        self.send(Backward, self.last, rnd, step, grad=feats.grad, loss=float(loss.detach()))
+        grad = to_wire(feats.grad, self.wire_dtype, where=f"{self.name}: gradient")
+        self.send(Backward, self.last, rnd, step, grad=grad, loss=float(loss.detach()))
 
     def _end_round(self, rnd: int, steps: int, samples: int) -> None:
         for t in self.trainers:
@@ -317,14 +324,14 @@ class DataOwner(Party):
                 a = self.head(x[i : i + self.eval_batch_size])
                 if self.defence is not None:
                     a = self.defence.release(a, train=False)
-            self.send(Forward, self.first, self.rounds_done, step, activation=a, train=False)
-            out: Output = self._receive(Output, self.rounds_done, step)
+            self._send_activation(self.rounds_done, step, a, train=False)
+            out = self._receive_output(self.rounds_done, step, len(a))
             with torch.no_grad():
                 if self.tail is not None:
                     self.tail.eval()
-                    logits = self.tail(out.output)
+                    logits = self.tail(out)
                 else:
-                    logits = self.defence.decode_logits(out.output) if self.defence else out.output
+                    logits = self.defence.decode_logits(out) if self.defence else out
             outs.append(logits)
         return torch.cat(outs)
 

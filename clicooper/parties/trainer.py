@@ -36,6 +36,7 @@ from clicooper.transport.messages import (
     StageSealed,
     Targets,
 )
+from clicooper.transport.precision import from_wire, to_wire
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -92,9 +93,11 @@ class Trainer(Party):
         checkpoint_dir: Path | None = None,
         lr_schedule: RoundLr | None = None,
         rounds: int | None = None,
+        wire_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(name, job_id, transport)
         self.position = position
+        self.wire_dtype = wire_dtype  # activations and gradients travel in it (transport/precision.py)
         self.rounds = rounds  # with a verifier: after sealing the last round, deliver the segment to it
         self.lr_schedule = lr_schedule
         self.segment = segment
@@ -180,13 +183,13 @@ class Trainer(Party):
 
     def _on_forward(self, msg: Forward) -> None:
         key = (msg.header.round, msg.header.step)
-        x = msg.activation
         check_tensor(
-            x,
+            msg.activation,
             where=f"{self.name}: forward from {self.prev}",
-            dtype=torch.float32,
+            dtype=self.wire_dtype,
             shape=(None, *self.input_shape),
         )
+        x = from_wire(msg.activation)
         if not msg.train:
             self.segment.eval()
             with torch.no_grad():
@@ -194,7 +197,7 @@ class Trainer(Party):
             self._emit_forward(key, out, train=False)
             return
         self._start_micro(key, msg.micro, msg.micros)
-        self._observe(self.prev, "in", key, x)
+        self._observe(self.prev, "in", key, msg.activation)
         self.segment.train()
         x = x.requires_grad_(True)
         out = self.segment(x)
@@ -212,7 +215,7 @@ class Trainer(Party):
             self._backward_and_step(mkey, x, weighted, float(loss.detach()))
             return
         self._inflight[mkey] = _InFlight(x, out)
-        self._emit_forward(key, out.detach(), train=True, micro=msg.micro, micros=msg.micros)
+        self._emit_forward(key, out, train=True, micro=msg.micro, micros=msg.micros)
 
     def _start_micro(self, key: tuple[int, int], micro: int, micros: int) -> None:
         """Order checks for a training Forward: steps in increasing order, and within a pipelined step
@@ -239,14 +242,13 @@ class Trainer(Party):
     def _emit_forward(
         self, key: tuple[int, int], out: torch.Tensor, *, train: bool, micro: int = 0, micros: int = 1
     ) -> None:
+        wire = to_wire(out, self.wire_dtype, where=f"{self.name}: output")
         if self.is_last:
-            self.send(Output, self.data_owner, *key, output=out.detach(), train=train)
+            self.send(Output, self.data_owner, *key, output=wire, train=train)
         else:
             if train:
-                self._observe(self.next, "out", key, out)
-            self.send(
-                Forward, self.next, *key, activation=out.detach(), train=train, micro=micro, micros=micros
-            )
+                self._observe(self.next, "out", key, wire)
+            self.send(Forward, self.next, *key, activation=wire, train=train, micro=micro, micros=micros)
 
     def _on_targets(self, msg: Targets) -> None:
         key = (msg.header.round, msg.header.step, msg.micro)
@@ -266,11 +268,11 @@ class Trainer(Party):
         check_tensor(
             msg.grad,
             where=f"{self.name}: gradient from {msg.header.sender}",
-            dtype=torch.float32,
+            dtype=self.wire_dtype,
             shape=tuple(state.outputs.shape),
         )
         self._observe(msg.header.sender, "in", key[:2], msg.grad)
-        self._backward_and_step(key, state.inputs, state.outputs, msg.loss, msg.grad)
+        self._backward_and_step(key, state.inputs, state.outputs, msg.loss, from_wire(msg.grad))
 
     def _backward_and_step(
         self,
@@ -299,6 +301,7 @@ class Trainer(Party):
             if self.hooks is not None:
                 self.hooks.prepare_regulariser_grad(self.segment)
         grad = x.grad if x.grad is not None else torch.zeros_like(x)
+        grad = to_wire(grad, self.wire_dtype, where=f"{self.name}: gradient")
         self._observe(self.prev, "out", step, grad)
         self.send(Backward, self.prev, *step, grad=grad, loss=report, micro=key[2])
 

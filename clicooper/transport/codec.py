@@ -37,11 +37,14 @@ _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float64": torch.float64,
     "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# numpy has no bfloat16: its bytes travel through numpy as int16 and are viewed back in torch
+_CARRIERS: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
 _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _HEADER_TYPES = {f.name: _SCALAR_TYPES[f.type] for f in dataclasses.fields(Header)}
 _HEADER_CHECKS = {k: (t, f"header.{k}") for k, t in _HEADER_TYPES.items()}
@@ -98,7 +101,8 @@ def _wire_parts(msg: Message) -> list[bytes | memoryview]:
     padding. Joining them is the one copy of the tensors that encoding makes."""
     parts: list[bytes | memoryview] = [_prefix(msg)]
     for name in _tensor_fields(type(msg)):
-        arr = getattr(msg, name).detach().cpu().contiguous().numpy()
+        t = getattr(msg, name).detach().cpu().contiguous()
+        arr = t.view(_CARRIERS.get(t.dtype, t.dtype)).numpy()
         if not _LITTLE_ENDIAN:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
@@ -225,14 +229,15 @@ def _decode_tensor(
         or not all(type(d) is int and 0 <= d <= MAX_MESSAGE_BYTES for d in shape)
     ):
         raise CodecError(f"{where}: bad shape {str(shape)[:80]}")
-    np_dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    carrier = _CARRIERS.get(dtype, dtype)
+    np_dtype = np.dtype(str(carrier).removeprefix("torch.")).newbyteorder("<")
     nbytes = math.prod(shape) * np_dtype.itemsize
     if nbytes > MAX_MESSAGE_BYTES or offset + _align(nbytes) > len(data):
         raise CodecError(f"{where}: shape {shape} needs {nbytes} bytes, message is truncated")
     arr = np.frombuffer(data, dtype=np_dtype, count=math.prod(shape), offset=offset).reshape(shape)
     # A writable buffer (in-process delivery) is owned by this message alone: view it without a copy.
     native = arr.astype(np_dtype.newbyteorder("="), copy=not arr.flags.writeable)
-    t = torch.from_numpy(native)
+    t = torch.from_numpy(native).view(dtype)
     _check_finite(t, where)
     if any(data[offset + nbytes : offset + _align(nbytes)]):
         raise CodecError(f"{where}: non-zero padding after the tensor (shape does not match the bytes)")
