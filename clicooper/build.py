@@ -105,14 +105,20 @@ def public_segments(manifest: JobManifest) -> tuple[list[nn.Sequential], SplitPl
 
 
 def segment_input_shapes(segments: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    """Each segment's input shape (without the batch dimension), by a dummy forward pass of zeros
-    through copies of the segments (their weights and buffers are left untouched)."""
+    """Each segment's input shape (without the batch dimension)."""
+    return segment_shapes(segments, input_shape)[:-1]
+
+
+def segment_shapes(segments: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each segment's input shape, then the last one's output shape (without the batch dimension),
+    by a dummy forward pass of zeros through copies of the segments (their weights and buffers are
+    left untouched)."""
     shapes, x = [], torch.zeros(2, *input_shape)
     with torch.no_grad():
         for s in segments:
             shapes.append(tuple(x.shape[1:]))
             x = copy.deepcopy(s).eval()(x)
-    return shapes
+    return [*shapes, tuple(x.shape[1:])]
 
 
 def trainer_segments(segments: Sequence[nn.Sequential], plan: SplitPlan) -> list[nn.Sequential]:

@@ -166,9 +166,9 @@ class TrainingSection(_Section):
     # their gradients (GPipe fill and drain); every party accumulates and steps once per batch, so the
     # result equals the unpipelined one up to float rounding (for models without batch norm).
     micro_batches: StrictInt = Field(1, ge=1, le=1024)
-    # Precision of the activations and gradients on the wire (transport/precision.py): bfloat16 or
-    # float16 halve the bytes on every link, for chains whose links set the pace; parties compute in
-    # float32 either way. Changes the result slightly (BENCHMARKS.md measures how much).
+    # Precision of the activations, gradients and outputs on the wire (transport/precision.py):
+    # bfloat16 or float16 halve the bytes on every link, for chains whose links set the pace; parties
+    # compute in float32 either way. Changes the result slightly (BENCHMARKS.md measures how much).
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

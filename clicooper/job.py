@@ -28,7 +28,7 @@ from clicooper.build import (
     lr_schedule,
     make_optimizer,
     model_and_plan,
-    segment_input_shapes,
+    segment_shapes,
     trainer_segments,
 )
 from clicooper.checkpoint import (
@@ -373,8 +373,9 @@ class ChainJob:
         self.trainer_names = names
         wm = cfg.watermark.enabled
         self.local = set(local) if local is not None else {n for n, _, _ in party_names(len(names), wm)}
-        # Input shapes from the public architecture (a dummy forward, before any local training).
-        shapes = segment_input_shapes(segs, data.input_shape)
+        # Each segment's input shape, then the model's output shape, from the public architecture
+        # (a dummy forward, before any local training).
+        shapes = segment_shapes(segs, data.input_shape)
         keys = dict(keys or {})
         if manifest is None:
             for name, role, _ in party_names(len(names), wm):
@@ -456,6 +457,8 @@ class ChainJob:
             lr_schedule=lr_schedule(tcfg),
             micro_batches=tcfg.micro_batches,
             wire_dtype=WIRE_DTYPES[tcfg.wire_dtype],
+            # what the last trainer returns for each sample: the model's output, or the tail's input
+            output_shape=shapes[-2] if tail is not None else shapes[-1],
         )
         for t in self.trainers:
             t.register_with_verifier()

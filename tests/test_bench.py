@@ -119,3 +119,17 @@ def test_pipeline_model_uses_the_bubble_fraction():
     assert unpiped.modelled_s == pytest.approx(4.0)
     assert piped.bubble == pytest.approx(2 / 6)
     assert piped.modelled_s == pytest.approx(2.0 * 6 / 4)
+
+
+def test_wan_notes_compare_half_precision_links_only_where_a_float32_run_exists():
+    from clicooper.bench.wan import WanBench, WanPoint
+
+    share = {"data_owner": 0.5}
+    pts = [
+        WanPoint("a", 0.01, 1e8, 1, [2.0], share),
+        WanPoint("a", 0.01, 1e8, 1, [1.0], share, wire_dtype="bfloat16"),
+        WanPoint("b", 0.01, 1e8, 1, [1.0], share, wire_dtype="bfloat16"),  # no float32 run of "b"
+    ]
+    notes = WanBench(pts, 128, 128, 3).notes()
+    assert any("a, 1 micro-batches: bfloat16 links take 0.50 x" in n for n in notes)
+    assert not any(n.startswith("b,") for n in notes)

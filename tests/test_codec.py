@@ -29,6 +29,8 @@ MESSAGES = [
     RoundSealed(header=H),
     StageSealed(header=H, record='{"a": 1}', attestations="[]"),
     Forward(header=H, activation=torch.empty(0, 3)),
+    Backward(header=H, grad=torch.randn(3, 5).bfloat16(), loss=0.5),  # training.wire_dtype
+    Forward(header=H, activation=torch.randn(2, 3, 4).half()),
 ]
 
 

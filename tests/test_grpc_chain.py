@@ -30,6 +30,7 @@ def _weights(job: ChainJob) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("ack_window", "training"),
     [(1, {}), (8, {"micro_batches": 4}), (1, {"wire_dtype": "bfloat16"})],
+    ids=["window-1", "window-8-micro-4", "bfloat16-links"],
 )
 def test_chain_over_grpc_mtls_reaches_the_in_process_weights(digits, ack_window, training):
     """Also with windowed acknowledgements and a pipelined relay (sends that do not wait for each

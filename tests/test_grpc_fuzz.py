@@ -88,7 +88,7 @@ def live():
 
 
 # -- frame strategies ---------------------------------------------------------------------------
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8]
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8]
 _SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e38, -0.0]
 
 

@@ -14,9 +14,10 @@ import torch
 
 from clicooper.job import ChainJob
 from clicooper.parties import ProtocolError, verify_run
-from clicooper.transport import Forward, Header
-from clicooper.transport.codec import copy_message, decode, encode_frame
+from clicooper.transport import Backward, Forward, Header
+from clicooper.transport.codec import copy_message, decode, encode, encode_frame
 from clicooper.transport.inproc import InProcTransport
+from clicooper.transport.messages import Output
 from clicooper.transport.precision import WireRangeError, from_wire, to_wire
 from tests.conftest import tiny_config
 
@@ -40,14 +41,15 @@ class _Recording(InProcTransport):
         super().send(msg)
 
 
-def test_bfloat16_tensors_cross_the_codec_unchanged():
+def test_non_finite_bfloat16_is_refused_on_every_decoding_path():
+    """(Round trips of bfloat16 messages: tests/test_codec.py.)"""
     x = torch.randn(7, 3).to(torch.bfloat16)
-    msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x)
-    for got in (decode(encode_frame(msg)).activation, copy_message(msg)[0].activation):
-        assert got.dtype == torch.bfloat16 and torch.equal(got, x)
-    x[2, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN or infinity"):
-        decode(encode_frame(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x)))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x[2, 1] = bad
+        msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x)
+        for path in (lambda m: decode(encode_frame(m)), lambda m: decode(encode(m)), copy_message):
+            with pytest.raises(ValueError, match="NaN or infinity"):
+                path(msg)
 
 
 def test_to_wire_casts_and_refuses_what_float16_cannot_hold():
@@ -59,8 +61,10 @@ def test_to_wire_casts_and_refuses_what_float16_cannot_hold():
         to_wire(torch.tensor([1.0, 1e5]), torch.float16, where="trainer_2: output")
     with pytest.raises(WireRangeError, match="magnitude 7e\\+04"):
         to_wire(torch.tensor([-7e4, 1.0]), torch.float16, where="w")
-    with pytest.raises(WireRangeError, match="nan"):
-        to_wire(torch.tensor([1.0, float("nan")]), torch.float16, where="w")
+    # NaN and infinities are no range problem: they go out, and every receiver refuses them
+    sent = to_wire(torch.tensor([1.0, float("nan"), float("inf")]), torch.float16, where="w")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        decode(encode_frame(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=sent)))
     assert to_wire(torch.tensor([-65504.0, 65504.0]), torch.float16, where="w").isfinite().all()
 
 
@@ -87,6 +91,9 @@ def test_a_job_with_half_precision_links_sends_half_and_still_learns(digits, wir
         if isinstance(t, torch.Tensor)
     ]
     assert floats and all(t.dtype == dtype for t in floats)
+    # about half the bytes a step on a link between trainers (the header is the same size)
+    hop = "trainer_1->trainer_2"
+    assert summary.bytes_per_step[hop] < 0.55 * ref.bytes_per_step[hop]
     assert any(m.KIND == "backward" for m in tr.sent) and any(m.KIND == "output" for m in tr.sent)
     # the parties' weights stay float32; the model learns about as well (digits: ~0.9 at 3 epochs)
     assert all(w.dtype == torch.float32 for w in _weights(job) if w.is_floating_point())
@@ -104,30 +111,49 @@ def test_a_watermarked_job_with_bfloat16_links_is_certified(digits, tmp_path):
     assert verdict.ok, verdict.summary()
 
 
+class _Holding(_Recording):
+    """Keeps every message and delivers none: one party at a time, driven by the test."""
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+
 def test_a_peer_sending_the_wrong_precision_is_refused(digits):
-    job = ChainJob(tiny_config(training={"wire_dtype": "bfloat16"}), digits, None)
-    t1 = job.trainers[0]
+    """Activations and gradients, at a trainer and at the data owner, in a bfloat16 job."""
+    tr = _Holding()
+    job = ChainJob(tiny_config(training={"wire_dtype": "bfloat16"}), digits, None, transport=tr)
+    t1, do = job.trainers[0], job.data_owner
     x = torch.randn(4, *t1.input_shape)
-    fwd = Forward(header=Header(job.job_id, "data_owner", "trainer_1", 0, 0, 1), activation=x)
-    with pytest.raises(ProtocolError, match="dtype torch.float32, expected torch.bfloat16"):
-        t1.handle(fwd)
+    wrong = "dtype torch.float32, expected torch.bfloat16"
+    with pytest.raises(ProtocolError, match=wrong):
+        t1.handle(Forward(header=Header(job.job_id, "data_owner", "trainer_1", 0, 0, 1), activation=x))
+    t1.handle(Forward(header=Header(job.job_id, "data_owner", "trainer_1", 0, 0, 2), activation=x.bfloat16()))
+    (out,) = tr.sent  # trainer_1's activation for trainer_2, in bfloat16
+    assert out.activation.dtype == torch.bfloat16
+    grad = torch.ones(out.activation.shape)
+    with pytest.raises(ProtocolError, match=wrong):
+        t1.handle(Backward(header=Header(job.job_id, "trainer_2", "trainer_1", 0, 0, 1), grad=grad))
+    reply = Backward(header=Header(job.job_id, "trainer_1", "data_owner", 0, 0, 1), grad=x)
+    with pytest.raises(ProtocolError, match=wrong):
+        do._check_grad(reply, like=x)
 
 
 def test_the_data_owner_checks_the_last_trainers_output(digits):
-    """Outputs (logits, or U-shaped features) must come in the wire precision, a row per sample."""
-    from clicooper.transport.messages import Output
-
+    """Outputs (logits here; U-shaped features) must come in the wire precision, one row of the
+    model's output shape per sample (before, a wrong shape went unnoticed into the accuracy)."""
     job = ChainJob(tiny_config(training={"wire_dtype": "bfloat16"}), digits, None)
     do = job.data_owner
-    for seq, t in enumerate([torch.zeros(5, 10), torch.zeros(4, 10, dtype=torch.bfloat16)], start=1):
+    bad = [
+        (torch.zeros(5, 10), "dtype torch.float32, expected torch.bfloat16"),
+        (torch.zeros(4, 10, dtype=torch.bfloat16), r"shape \(4, 10\), expected \(5, 10\)"),
+        (torch.zeros(5, 3, dtype=torch.bfloat16), r"shape \(5, 3\), expected \(5, 10\)"),
+        (torch.zeros(5, 10, 2, dtype=torch.bfloat16), r"shape \(5, 10, 2\), expected \(5, 10\)"),
+    ]
+    for seq, (t, why) in enumerate(bad, start=1):
         job.transport.send(Output(header=Header(job.job_id, "trainer_3", "data_owner", 0, 0, seq), output=t))
-        with pytest.raises(ProtocolError, match="expected torch.bfloat16 with 5 rows"):
+        with pytest.raises(ProtocolError, match=why):
             do._receive_output(0, 0, rows=5)
-    job.transport.send(
-        Output(
-            header=Header(job.job_id, "trainer_3", "data_owner", 0, 0, 3),
-            output=torch.ones(5, 10, dtype=torch.bfloat16),
-        )
-    )
+    ones = torch.ones(5, 10, dtype=torch.bfloat16)
+    job.transport.send(Output(header=Header(job.job_id, "trainer_3", "data_owner", 0, 0, 9), output=ones))
     got = do._receive_output(0, 0, rows=5)
     assert got.dtype == torch.float32 and torch.equal(got, torch.ones(5, 10))

@@ -89,12 +89,15 @@ class WanBench:
             "(speedup >= 2x); parties share one interpreter (GIL) and this machine's cores"
         ]
         for p in self.points:
-            if p.wire_dtype != "float32":
-                full = next(
+            full = next(
+                (
                     q
                     for q in self.points
-                    if (q.link, q.micro_batches, q.wire_dtype) == (p.link, p.micro_batches, "float32")
-                )
+                    if (q.link, q.wire_dtype, q.micro_batches) == (p.link, "float32", p.micro_batches)
+                ),
+                None,
+            )
+            if p.wire_dtype != "float32" and full is not None:
                 notes.append(
                     f"{p.link}, {p.micro_batches} micro-batches: {p.wire_dtype} links take "
                     f"{median(p.epoch_s) / median(full.epoch_s):.2f} x the float32 epoch"
@@ -122,10 +125,13 @@ def bench_wan(
     micros: list[int] | None = None,
     half_links: list[LinkSpec] | None = None,
 ) -> WanBench:
-    """Every link in `links` with float32 on the wire, then every one in `half_links` with bfloat16."""
+    """Every link in `links` with float32 on the wire, then every one in `half_links` with bfloat16
+    (by default those of HALF_LINKS that are among `links`: each compared with its float32 run)."""
     cfg = cfg.replace(training={"epochs": 1})
-    cases = [(link, "float32") for link in links or LINKS]
-    cases += [(link, "bfloat16") for link in (HALF_LINKS if half_links is None else half_links)]
+    links = links or LINKS
+    if half_links is None:
+        half_links = [link for link in HALF_LINKS if link in links]
+    cases = [(link, "float32") for link in links] + [(link, "bfloat16") for link in half_links]
     points = []
     for link, wire in cases:
         runs = {m: [] for m in micros or MICROS}

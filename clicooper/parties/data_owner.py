@@ -81,9 +81,11 @@ class DataOwner(Party):
         lr_schedule: RoundLr | None = None,
         micro_batches: int = 1,
         wire_dtype: torch.dtype = torch.float32,
+        output_shape: tuple[int, ...],
     ) -> None:
         super().__init__(name, job_id, transport)
         self.wire_dtype = wire_dtype  # activations and gradients travel in it (transport/precision.py)
+        self.output_shape = tuple(output_shape)  # of an Output's rows: logits, or U-shaped features
         if micro_batches > 1 and tail is not None:
             raise ValueError("micro-batches are not supported in U-shaped mode")
         self.micro_batches = micro_batches
@@ -226,13 +228,13 @@ class DataOwner(Party):
     def _receive_output(self, rnd: int, step: int, rows: int) -> torch.Tensor:
         """The last trainer's output for a batch of `rows`, in float32 (logits, or U-shaped features)."""
         out: Output = self._receive(Output, rnd, step)
-        t = out.output
-        if t.dtype != self.wire_dtype or t.dim() < 1 or t.shape[0] != rows:
-            raise ProtocolError(
-                f"{self.name}: output from {self.last} has dtype {t.dtype} and shape {tuple(t.shape)}, "
-                f"expected {self.wire_dtype} with {rows} rows"
-            )
-        return from_wire(t)
+        check_tensor(
+            out.output,
+            where=f"{self.name}: output from {self.last}",
+            dtype=self.wire_dtype,
+            shape=(rows, *self.output_shape),
+        )
+        return from_wire(out.output)
 
     def _send_activation(self, rnd: int, step: int, a: torch.Tensor, **fields: Any) -> None:
         wire = to_wire(a, self.wire_dtype, where=f"{self.name}: activation")

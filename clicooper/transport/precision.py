@@ -6,12 +6,16 @@ party still computes in float32; it casts what it sends with `to_wire` and what 
 `from_wire`. Trainers hash the tensors as sent, so both ends of a link record the same bytes and
 the verifier's link check holds. Labels never change precision.
 
-bfloat16 keeps float32's range with 8 bits of mantissa; float16 keeps 11 bits but overflows above
-65,504, which `to_wire` refuses with an error that names the fix, rather than sending infinities
-that the receiver would refuse with a less helpful one.
+bfloat16 keeps (nearly) float32's range with 8 bits of mantissa: the choice for gradients. float16
+keeps 11 bits but overflows above 65,504, which `to_wire` refuses with an error that names the fix
+rather than sending infinities, and it has no loss scaling here: gradient values below about 6e-5
+lose precision and below 6e-8 become zero (half of the first trainer's gradient values in a small
+digits job are under 6e-5; its accuracy did not suffer, BENCHMARKS.md, but bfloat16 is safer).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,9 +24,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-FLOAT16_MAX = 65504.0
+FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
 class WireRangeError(ValueError):
@@ -37,11 +39,13 @@ def to_wire(t: torch.Tensor, dtype: torch.dtype, *, where: str) -> torch.Tensor:
     if dtype == torch.float16 and t.numel():
         low, high = torch.aminmax(t)  # one pass over float32 (isfinite on float16 is ~30x slower)
         biggest = max(-float(low), float(high))
-        if not biggest <= FLOAT16_MAX:  # also NaN
+        if math.isfinite(biggest) and biggest > FLOAT16_MAX:
             raise WireRangeError(
                 f"{where}: a value of magnitude {biggest:.4g} exceeds float16's largest ({FLOAT16_MAX:g}); "
                 "set training.wire_dtype = 'bfloat16' (float32's range) or 'float32'"
             )
+        # NaN and infinities are not a matter of range: they travel and the receiver refuses them,
+        # as it does in any precision (the model diverged, or a peer misbehaves)
     return t.to(dtype)
 
 
