@@ -50,6 +50,7 @@ def run(two_rounds, tmp_path):
         ("privacy", {"dp": False, "epsilon": None}, "privacy.dp"),
         ("model", {"arch": "small-cnn-dp"}, "model.arch"),
         ("privacy", {"gamma": 3}, "privacy.gamma"),
+        ("training", {"wire_dtype": "bfloat16"}, "training.wire_dtype"),  # receivers check it
     ],
 )
 def test_finding2_resume_refuses_pinned_changes_naming_the_field(digits, run, section, change, field):

@@ -101,13 +101,22 @@ def test_a_job_with_half_precision_links_sends_half_and_still_learns(digits, wir
     assert summary.test_accuracy == pytest.approx(ref.test_accuracy, abs=0.05)
 
 
-def test_a_watermarked_job_with_bfloat16_links_is_certified(digits, tmp_path):
-    """Both ends of each link hash the bfloat16 tensor as sent, so the verifier's link check holds."""
+def test_a_watermarked_dp_job_with_bfloat16_links_is_certified_and_resumes(digits, tmp_path):
+    """Both ends of each link hash the bfloat16 tensor as sent, so the verifier's link check holds;
+    resumed for a third round (DP and watermarks on), it is certified again."""
     cfg = tiny_config(
-        training={"epochs": 2, "wire_dtype": "bfloat16"}, watermark={"enabled": True, "n_bits": 64}
+        training={"epochs": 2, "wire_dtype": "bfloat16"},
+        watermark={"enabled": True, "n_bits": 64},
+        model={"freeze_head": True},
+        privacy={"dp": True, "epsilon": 2.0, "release": "one-shot", "gamma": 2},  # epochs may grow
     )
-    ChainJob(cfg, digits, tmp_path / "run").run()
-    verdict, _ = verify_run(tmp_path / "run")
+    run = tmp_path / "run"
+    ChainJob(cfg, digits, run).run()
+    verdict, _ = verify_run(run)
+    assert verdict.ok, verdict.summary()
+    summary = ChainJob(cfg.replace(training={"epochs": 3}), digits, run).run(resume=True)
+    assert summary.epochs == 3
+    verdict, _ = verify_run(run)
     assert verdict.ok, verdict.summary()
 
 
