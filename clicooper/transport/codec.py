@@ -45,6 +45,12 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 # numpy has no bfloat16: its bytes travel through numpy as int16 and are viewed back in torch
 _CARRIERS: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
+# each wire dtype's numpy view of the bytes: (little-endian as on the wire, this machine's order)
+_NUMPY: dict[str, tuple[np.dtype, np.dtype]] = {
+    name: (np.dtype(c).newbyteorder("<"), np.dtype(c))
+    for name, t in _DTYPES.items()
+    for c in [str(_CARRIERS.get(t, t)).removeprefix("torch.")]
+}
 _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _HEADER_TYPES = {f.name: _SCALAR_TYPES[f.type] for f in dataclasses.fields(Header)}
 _HEADER_CHECKS = {k: (t, f"header.{k}") for k, t in _HEADER_TYPES.items()}
@@ -102,7 +108,7 @@ def _wire_parts(msg: Message) -> list[bytes | memoryview]:
     parts: list[bytes | memoryview] = [_prefix(msg)]
     for name in _tensor_fields(type(msg)):
         t = getattr(msg, name).detach().cpu().contiguous()
-        arr = t.view(_CARRIERS.get(t.dtype, t.dtype)).numpy()
+        arr = (t.view(_CARRIERS[t.dtype]) if t.dtype in _CARRIERS else t).numpy()
         if not _LITTLE_ENDIAN:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
@@ -229,15 +235,16 @@ def _decode_tensor(
         or not all(type(d) is int and 0 <= d <= MAX_MESSAGE_BYTES for d in shape)
     ):
         raise CodecError(f"{where}: bad shape {str(shape)[:80]}")
-    carrier = _CARRIERS.get(dtype, dtype)
-    np_dtype = np.dtype(str(carrier).removeprefix("torch.")).newbyteorder("<")
-    nbytes = math.prod(shape) * np_dtype.itemsize
+    wire_np, native_np = _NUMPY[meta["dtype"]]
+    count = math.prod(shape)
+    nbytes = count * wire_np.itemsize
     if nbytes > MAX_MESSAGE_BYTES or offset + _align(nbytes) > len(data):
         raise CodecError(f"{where}: shape {shape} needs {nbytes} bytes, message is truncated")
-    arr = np.frombuffer(data, dtype=np_dtype, count=math.prod(shape), offset=offset).reshape(shape)
+    arr = np.frombuffer(data, dtype=wire_np, count=count, offset=offset).reshape(shape)
     # A writable buffer (in-process delivery) is owned by this message alone: view it without a copy.
-    native = arr.astype(np_dtype.newbyteorder("="), copy=not arr.flags.writeable)
-    t = torch.from_numpy(native).view(dtype)
+    t = torch.from_numpy(arr.astype(native_np, copy=not arr.flags.writeable))
+    if dtype in _CARRIERS:
+        t = t.view(dtype)
     _check_finite(t, where)
     if any(data[offset + nbytes : offset + _align(nbytes)]):
         raise CodecError(f"{where}: non-zero padding after the tensor (shape does not match the bytes)")
