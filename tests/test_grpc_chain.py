@@ -83,3 +83,18 @@ def test_a_trainer_failure_aborts_the_job_with_its_reason(digits):
             r"trainer_2: shape",
         ):
             job.data_owner.train_round(0)
+
+
+def test_activations_beyond_float16s_range_abort_the_job_naming_the_fix(digits):
+    """float16 links and a trainer whose outputs overflow float16: the trainer refuses to send
+    infinities, and over gRPC its error reaches the data owner as the job's abort reason."""
+    from clicooper.transport.grpc import RemoteAbort
+
+    with _grpc("gf16", 3) as tr:
+        cfg = tiny_config(training={"epochs": 1, "wire_dtype": "float16"})
+        job = ChainJob(cfg, digits, None, transport=tr, job_id="gf16")
+        with torch.no_grad():
+            for p in job.trainers[0].segment.parameters():
+                p.mul_(1e4)  # trainer_2's outputs reach about 1e6
+        with pytest.raises(RemoteAbort, match=r"trainer_\d: output: .* exceeds float16's largest .*bfloat16"):
+            job.data_owner.train_round(0)
