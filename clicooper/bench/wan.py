@@ -48,10 +48,14 @@ class WanBench:
     n_trainers: int
     name: str = field(default="wan")
 
+    def point(self, link: str, wire_dtype: str, micro_batches: int) -> WanPoint | None:
+        """The run of `link` with that wire precision and micro-batch count, if there was one."""
+        key = (link, wire_dtype, micro_batches)
+        return next((p for p in self.points if (p.link, p.wire_dtype, p.micro_batches) == key), None)
+
     def speedup(self, p: WanPoint) -> float:
-        base = next(
-            q for q in self.points if (q.link, q.wire_dtype, q.micro_batches) == (p.link, p.wire_dtype, 1)
-        )
+        base = self.point(p.link, p.wire_dtype, 1)
+        assert base is not None, f"{p.link}, {p.wire_dtype}: no unpipelined run"
         return median(base.epoch_s) / median(p.epoch_s)
 
     def title(self) -> str:
@@ -89,15 +93,8 @@ class WanBench:
             "(speedup >= 2x); parties share one interpreter (GIL) and this machine's cores"
         ]
         for p in self.points:
-            full = next(
-                (
-                    q
-                    for q in self.points
-                    if (q.link, q.wire_dtype, q.micro_batches) == (p.link, "float32", p.micro_batches)
-                ),
-                None,
-            )
-            if p.wire_dtype != "float32" and full is not None:
+            full = self.point(p.link, "float32", p.micro_batches) if p.wire_dtype != "float32" else None
+            if full is not None:
                 notes.append(
                     f"{p.link}, {p.micro_batches} micro-batches: {p.wire_dtype} links take "
                     f"{median(p.epoch_s) / median(full.epoch_s):.2f} x the float32 epoch"

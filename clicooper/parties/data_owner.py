@@ -84,7 +84,7 @@ class DataOwner(Party):
         output_shape: tuple[int, ...],
     ) -> None:
         super().__init__(name, job_id, transport)
-        self.wire_dtype = wire_dtype  # activations and gradients travel in it (transport/precision.py)
+        self.wire_dtype = wire_dtype  # activations, gradients, outputs travel in it (transport/precision.py)
         self.output_shape = tuple(output_shape)  # of an Output's rows: logits, or U-shaped features
         if micro_batches > 1 and tail is not None:
             raise ValueError("micro-batches are not supported in U-shaped mode")

@@ -97,7 +97,7 @@ class Trainer(Party):
     ) -> None:
         super().__init__(name, job_id, transport)
         self.position = position
-        self.wire_dtype = wire_dtype  # activations and gradients travel in it (transport/precision.py)
+        self.wire_dtype = wire_dtype  # activations, gradients, outputs travel in it (transport/precision.py)
         self.rounds = rounds  # with a verifier: after sealing the last round, deliver the segment to it
         self.lr_schedule = lr_schedule
         self.segment = segment

@@ -45,12 +45,15 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 # numpy has no bfloat16: its bytes travel through numpy as int16 and are viewed back in torch
 _CARRIERS: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
+
+
+def _numpy_dtype(t: torch.dtype) -> np.dtype:
+    """The numpy dtype that holds the bytes of a `t` tensor, in this machine's byte order."""
+    return np.dtype(str(_CARRIERS.get(t, t)).removeprefix("torch."))
+
+
 # each wire dtype's numpy view of the bytes: (little-endian as on the wire, this machine's order)
-_NUMPY: dict[str, tuple[np.dtype, np.dtype]] = {
-    name: (np.dtype(c).newbyteorder("<"), np.dtype(c))
-    for name, t in _DTYPES.items()
-    for c in [str(_CARRIERS.get(t, t)).removeprefix("torch.")]
-}
+_NUMPY = {name: (_numpy_dtype(t).newbyteorder("<"), _numpy_dtype(t)) for name, t in _DTYPES.items()}
 _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _HEADER_TYPES = {f.name: _SCALAR_TYPES[f.type] for f in dataclasses.fields(Header)}
 _HEADER_CHECKS = {k: (t, f"header.{k}") for k, t in _HEADER_TYPES.items()}
