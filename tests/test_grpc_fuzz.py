@@ -11,7 +11,6 @@ Abort to the data owner. Afterwards the trainer still serves honest traffic, for
 
 from __future__ import annotations
 
-import json
 import struct
 import time
 
@@ -23,7 +22,9 @@ from torch import nn
 
 from clicooper.parties.trainer import Trainer
 from clicooper.transport import Backward, CodecError, Forward, Header, Targets, TransportError, decode, encode
+from clicooper.transport.codec import _LAYOUT_BY_ID, WIRE_VERSION
 from clicooper.transport.grpc import LocalCA, RemoteAbort, Roster
+from clicooper.transport.messages import Abort, Nonce
 from tests.grpc_helpers import RawLink, endpoint
 
 pytestmark = pytest.mark.timeout(240)
@@ -124,6 +125,27 @@ def messages(draw, lv: Live):
     return Targets(header=h, labels=torch.zeros(2, dtype=torch.int64))
 
 
+def _header(seq: int) -> Header:
+    return Header(JOB, "trainer_1", "trainer_2", 0, 0, seq)
+
+
+# valid messages of several kinds (by sequence number), whose header fields the fuzzer then spoils
+_HEADER_BASES = [
+    lambda seq: Forward(header=_header(seq), activation=torch.randn(2, IN)),
+    lambda seq: Backward(header=_header(seq), grad=torch.randn(2, 3), loss=0.5),
+    lambda seq: Nonce(header=_header(seq), nonce="ab" * 16, links="[]"),
+    lambda seq: Abort(header=_header(seq), reason="stop"),
+]
+# hostile values for each kind of value in a header (struct format character)
+_HOSTILE = {
+    "B": [0, 1, 2, 9, 255],
+    "I": [0, 1, 63, 2**20 + 1, 2**32 - 1],
+    "q": [-(2**63), -1, 0, 1, 2**31, 2**63 - 1],
+    "Q": [0, 1, 2**31, 2**40, 2**64 - 1],
+    "d": [float("nan"), float("inf"), -0.0, 1e308],
+}
+
+
 def _raw_encode(msg) -> bytes:
     """encode() refuses NaN scalars and unknown dtypes; tensors with NaN/Inf still encode."""
     try:
@@ -139,51 +161,18 @@ def frames(draw, lv: Live) -> bytes:
         return draw(st.binary(max_size=512))
     if how == "length":  # a header length pointing past the frame or past the limit
         n = draw(st.sampled_from([0, 5, 63, 2**20 + 1, 2**31, 2**32 - 1]))
-        return struct.pack(">I", n) + draw(st.binary(max_size=64))
-    if how == "header":  # a syntactically valid frame with a hostile JSON header
-        head = {
-            "kind": draw(st.sampled_from(["forward", "backward", "nonce", "abort", "bogus", 3])),
-            "header": draw(
-                st.sampled_from(
-                    [
-                        {
-                            "job_id": JOB,
-                            "sender": "trainer_1",
-                            "receiver": "trainer_2",
-                            "round": 0,
-                            "step": 0,
-                        },
-                        {
-                            "job_id": JOB,
-                            "sender": "trainer_1",
-                            "receiver": "trainer_2",
-                            "round": "0",
-                            "step": 0,
-                            "seq": lv.next_seq(),
-                        },
-                        [],
-                    ]
-                )
-            ),
-            "fields": draw(st.sampled_from([{"train": True}, {"train": "yes"}, {}, None])),
-            "tensors": draw(
-                st.sampled_from(
-                    [
-                        [{"name": "activation", "dtype": "float32", "shape": [2**40, 2**40]}],
-                        [{"name": "activation", "dtype": "object", "shape": [1]}],
-                        [{"name": "activation", "dtype": "float32", "shape": [-1, 4]}],
-                        [{"name": "activation", "dtype": "float32", "shape": [1] * 20}],
-                        [],
-                        "x",
-                    ]
-                )
-            ),
-        }
-        if draw(st.booleans()):
-            head["extra"] = 1
-        body = json.dumps(head).encode()
-        body += b" " * (-(4 + len(body)) % 64)
-        return struct.pack(">I", len(body)) + body + draw(st.binary(max_size=128))
+        return struct.pack("<IBB", n, WIRE_VERSION, 0) + draw(st.binary(max_size=64))
+    if how == "header":  # a well-framed message with hostile values in its binary header
+        data = _raw_encode(draw(st.sampled_from(_HEADER_BASES))(lv.next_seq()))
+        layout = _LAYOUT_BY_ID[data[5]]
+        values = list(layout.fixed.unpack_from(data))
+        formats = layout.fixed.format.removeprefix("<")  # one format character a value
+        # not seq: one accepted frame with seq 2**63 - 1 would leave later frames on the link none
+        spoilable = [i for i, slot in enumerate(layout.slots) if slot != "seq"]
+        for _ in range(draw(st.integers(1, 3))):
+            i = draw(st.sampled_from(spoilable))
+            values[i] = draw(st.sampled_from(_HOSTILE[formats[i]]))
+        return layout.fixed.pack(*values) + data[layout.fixed.size :] + draw(st.binary(max_size=8))
     data = bytearray(_raw_encode(draw(messages(lv))))
     if how == "mutated" and data:
         for _ in range(draw(st.integers(1, 4))):
@@ -203,9 +192,9 @@ def test_decoder_only_raises_codec_errors_on_random_bytes(data):
 
 
 def test_decoder_refuses_an_oversize_header():
-    body = b'{"kind":"forward"' + b" " * (2**20 + 64) + b"}"
+    n = 2**20 + 60  # 4 + n is 64-byte aligned, and past the limit
     with pytest.raises(CodecError, match="bad header length"):
-        decode(struct.pack(">I", len(body)) + body)
+        decode(struct.pack("<IBB", n, WIRE_VERSION, 0) + bytes(n - 2))
 
 
 def _drain(t, party: str) -> list:

@@ -1,19 +1,31 @@
 """Wire codec: messages <-> bytes, without pickle.
 
-Layout: 4-byte big-endian header length, a UTF-8 JSON header padded with spaces,
-then the raw little-endian bytes of each tensor field in header order, each
-starting at a 64-byte boundary (zero-copy views must be aligned: misaligned
-tensors make convolution and activation kernels several times slower). Decoding validates
-everything a peer controls: the message kind, field names and types, dtypes from
-a whitelist, shapes against byte lengths, total size, integer ranges (signed 64-bit), and
-finiteness. `decode` raises `CodecError` and nothing else, whatever the bytes.
+Layout, every integer little-endian:
+
+1. a fixed part, one `struct` layout per message kind (`_Layout`): the header length `n` (u32),
+   the wire format version (u8) and the kind's id (u8, its place in `MESSAGE_TYPES`); the
+   header's round, step and seq (i64) and the byte lengths of its job id, sender and receiver
+   (u32); the message's scalar fields in declaration order (int: i64, float: f64, bool: u8 0 or 1,
+   str: its byte length, u32); for each tensor field its dtype id (u8), number of dimensions (u8)
+   and MAX_DIMS dimension slots (u64, the unused ones 0);
+2. the UTF-8 bytes of the strings, in the order of their lengths;
+3. zero bytes up to offset 4 + n, the first 64-byte boundary after the strings;
+4. the raw little-endian bytes of each tensor in field order, each zero-padded to a 64-byte
+   boundary (zero-copy views must be aligned: misaligned tensors make convolution and activation
+   kernels several times slower).
+
+The header is binary because a JSON one cost 25-45 us a message to build, parse and check: more
+than copying a 1 MB tensor (BENCHMARKS.md). The encoding is canonical: a message has one byte
+string, and decoding refuses any other (slack or non-zero padding, a bool other than 0 or 1).
+Decoding validates everything a peer controls: the version, the kind, UTF-8, non-negative
+counters, finite floats, dtypes from a whitelist, shapes against byte lengths, the total size,
+finite tensors. `decode` raises `CodecError` and nothing else, whatever the bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import struct
 import sys
@@ -25,24 +37,25 @@ import torch
 
 from clicooper.transport.messages import MESSAGE_TYPES, Header, Message
 
+WIRE_VERSION = 2  # 1 was a JSON header; a peer on another version is refused by name
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_DIMS = 8
-MAX_JSON_DEPTH = 16
 ALIGN = 64
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 T, R = TypeVar("T"), TypeVar("R")
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# A dtype's wire id is its place in this tuple, counted from 1 (0 is never valid): append only.
+_WIRE_DTYPES: tuple[tuple[str, torch.dtype], ...] = (
+    ("float32", torch.float32),
+    ("float64", torch.float64),
+    ("float16", torch.float16),
+    ("bfloat16", torch.bfloat16),
+    ("int64", torch.int64),
+    ("int32", torch.int32),
+    ("uint8", torch.uint8),
+)
+_DTYPE_IDS = {t: i for i, (_, t) in enumerate(_WIRE_DTYPES, start=1)}
 # numpy has no bfloat16: its bytes travel through numpy as int16 and are viewed back in torch
 _CARRIERS: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
 
@@ -52,12 +65,26 @@ def _numpy_dtype(t: torch.dtype) -> np.dtype:
     return np.dtype(str(_CARRIERS.get(t, t)).removeprefix("torch."))
 
 
-# each wire dtype's numpy view of the bytes: (little-endian as on the wire, this machine's order)
-_NUMPY = {name: (_numpy_dtype(t).newbyteorder("<"), _numpy_dtype(t)) for name, t in _DTYPES.items()}
+@dataclasses.dataclass(frozen=True)
+class _WireDtype:
+    name: str
+    torch: torch.dtype
+    wire: np.dtype  # the numpy view of the bytes as they travel (little-endian)
+    native: np.dtype  # the same in this machine's byte order
+
+
+# indexed by wire id; None at 0 so that a zero id reads as "not allowed"
+_DTYPE_BY_ID: tuple[_WireDtype | None, ...] = (None,) + tuple(
+    _WireDtype(name, t, _numpy_dtype(t).newbyteorder("<"), _numpy_dtype(t)) for name, t in _WIRE_DTYPES
+)
 _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_SCALAR_FORMATS = {int: "q", float: "d", bool: "B", str: "I"}
 _HEADER_TYPES = {f.name: _SCALAR_TYPES[f.type] for f in dataclasses.fields(Header)}
 _HEADER_CHECKS = {k: (t, f"header.{k}") for k, t in _HEADER_TYPES.items()}
-_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: dumps() builds one per call
+_HEADER_TEXTS, _HEADER_INTS = ("job_id", "sender", "receiver"), ("round", "step", "seq")
+assert set(_HEADER_TYPES) == {*_HEADER_TEXTS, *_HEADER_INTS}, "the wire layout must cover Header"
+_PREFIX = struct.Struct("<IBB")  # header length, version, kind id: read before the kind is known
+_NO_DIMS = (0,) * MAX_DIMS
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the wire's byte order: tensors go as they are
 _ZEROS = bytes(ALIGN)
 
@@ -80,28 +107,68 @@ def _scalar_fields(cls: type[Message]) -> dict[str, type]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """One message kind's fixed part: its `struct` and what each of its values is."""
+
+    cls: type[Message]
+    kind_id: int
+    fixed: struct.Struct
+    slots: tuple[str, ...]  # a name for each value of `fixed`, for errors and tests
+    scalars: tuple[tuple[str, type], ...]  # (name, type), in declaration order
+    tensors: tuple[str, ...]
+    text_slots: tuple[int, ...]  # where the strings' byte lengths are among the values
+    first_scalar: int  # where the scalar fields start among the values
+
+
+def _layout(kind_id: int, cls: type[Message]) -> _Layout:
+    scalars = tuple(_scalar_fields(cls).items())
+    tensors = tuple(_tensor_fields(cls))
+    slots = ["header_length", "version", "kind", *_HEADER_INTS, *(f"{k}.len" for k in _HEADER_TEXTS)]
+    first_scalar = len(slots)
+    slots += [f"{name}.len" if t is str else name for name, t in scalars]
+    for name in tensors:
+        slots += [f"{name}.dtype", f"{name}.ndim", *(f"{name}.shape[{i}]" for i in range(MAX_DIMS))]
+    fmt = _PREFIX.format + "q" * len(_HEADER_INTS) + "I" * len(_HEADER_TEXTS)
+    fmt += "".join(_SCALAR_FORMATS[t] for _, t in scalars) + ("BB" + "Q" * MAX_DIMS) * len(tensors)
+    texts = tuple(i for i, s in enumerate(slots) if s.endswith(".len"))
+    return _Layout(cls, kind_id, struct.Struct(fmt), tuple(slots), scalars, tensors, texts, first_scalar)
+
+
+# A kind's wire id is its place in MESSAGE_TYPES (messages.py appends only).
+_LAYOUT_BY_ID = tuple(_layout(i, cls) for i, cls in enumerate(MESSAGE_TYPES.values()))
+_LAYOUTS = {layout.cls: layout for layout in _LAYOUT_BY_ID}
+
+
 def _prefix(msg: Message) -> bytes:
-    """The header length and the padded JSON header: everything before the tensors' bytes."""
-    cls = type(msg)
-    if MESSAGE_TYPES.get(cls.KIND) is not cls:
-        raise CodecError(f"unknown message type {cls.__name__}")
-    tensors_meta = []
-    for name in _tensor_fields(cls):
-        t: torch.Tensor = getattr(msg, name)
-        dtype = _DTYPE_NAMES.get(t.dtype)
-        if dtype is None:
-            raise CodecError(f"{cls.KIND}.{name}: dtype {t.dtype} is not allowed on the wire")
-        tensors_meta.append({"name": name, "dtype": dtype, "shape": list(t.shape)})
+    """The fixed part, the strings and the header's padding: everything before the tensors' bytes."""
+    layout = _LAYOUTS.get(type(msg))
+    if layout is None:
+        raise CodecError(f"unknown message type {type(msg).__name__}")
+    kind = layout.cls.KIND
     h = msg.header
-    header = {
-        "kind": cls.KIND,
-        "header": {k: getattr(h, k) for k in _HEADER_TYPES},
-        "fields": {name: getattr(msg, name) for name in _scalar_fields(cls)},
-        "tensors": tensors_meta,
-    }
-    head = _JSON.encode(header).encode()
-    head += b" " * _pad(4 + len(head))  # the tensors that follow start on an ALIGN boundary
-    return struct.pack(">I", len(head)) + head
+    texts = [h.job_id.encode(), h.sender.encode(), h.receiver.encode()]
+    values: list[Any] = [h.round, h.step, h.seq, len(texts[0]), len(texts[1]), len(texts[2])]
+    for name, typ in layout.scalars:
+        value = getattr(msg, name)
+        if typ is str:
+            texts.append(value.encode())
+            value = len(texts[-1])
+        values.append(value)
+    for name in layout.tensors:
+        t: torch.Tensor = getattr(msg, name)
+        dtype_id = _DTYPE_IDS.get(t.dtype)
+        if dtype_id is None:
+            raise CodecError(f"{kind}.{name}: dtype {t.dtype} is not allowed on the wire")
+        shape = t.shape
+        if len(shape) > MAX_DIMS:
+            raise CodecError(f"{kind}.{name}: shape {list(shape)} exceeds the message limits")
+        values += (dtype_id, len(shape), *shape, *_NO_DIMS[len(shape) :])
+    body = layout.fixed.size + sum(map(len, texts))
+    n = _align(body) - 4  # the tensors that follow start on an ALIGN boundary
+    return b"".join(
+        (layout.fixed.pack(n, WIRE_VERSION, layout.kind_id, *values), *texts, _ZEROS[: 4 + n - body])
+    )
 
 
 def _wire_parts(msg: Message) -> list[bytes | memoryview]:
@@ -119,10 +186,15 @@ def _wire_parts(msg: Message) -> list[bytes | memoryview]:
     return parts
 
 
+# what a malformed message (wrong field types, a str that is not UTF-8-encodable, an integer out
+# of its wire range) raises inside encoding
+_ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError)
+
+
 def encode(msg: Message) -> memoryview:
     """Serialise a message into one writable, 64-byte-aligned buffer (tensors copied once): what
     `decode` views without copying, for delivery within one process."""
-    parts = _wire_parts(msg)
+    parts = _only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS)
     total = sum(len(p) for p in parts)
     raw = np.empty(total + ALIGN, dtype=np.uint8)
     start = (-raw.__array_interface__["data"][0]) % ALIGN
@@ -138,7 +210,7 @@ def encode_frame(msg: Message) -> bytes:
     """The same bytes as `encode`, as one immutable `bytes` object: what gRPC sends. The tensors
     are copied once, straight from their memory into the frame (`bytes(encode(msg))` would copy
     them twice)."""
-    return b"".join(_wire_parts(msg))
+    return b"".join(_only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS))
 
 
 def _pad(n: int) -> int:
@@ -170,50 +242,6 @@ def _check_header_ints(hdr: Header, where: str) -> None:
             raise CodecError(f"{where}.header.{k}: must be >= 0")
 
 
-def _json_depth_ok(text: str) -> bool:
-    """Nesting depth of a JSON text at most MAX_JSON_DEPTH (checked before parsing: no recursion)."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return True  # depth never exceeds the number of openers: no need to walk the text
-    depth = 0
-    in_str = esc = False
-    for ch in text:
-        if in_str:
-            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
-
-
-def _parse_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise CodecError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-    if len(data) < 4:
-        raise CodecError("truncated message: no header length")
-    (n,) = struct.unpack(">I", data[:4])
-    if n > MAX_HEADER_BYTES or 4 + n > len(data):
-        raise CodecError(f"bad header length {n}")
-    try:
-        text = bytes(data[4 : 4 + n]).decode()
-        if not _json_depth_ok(text):
-            raise CodecError(f"header JSON is nested deeper than {MAX_JSON_DEPTH} levels")
-        header = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge integers
-        if isinstance(e, CodecError):
-            raise
-        raise CodecError(f"header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise CodecError("header is not a JSON object")
-    if (4 + n) % ALIGN:
-        raise CodecError(f"header length {n} does not keep tensors {ALIGN}-byte aligned")
-    return header | {"_offset": 4 + n}
-
-
 def _check_finite(t: torch.Tensor, where: str) -> None:
     # One reduction is finite iff every element is (NaN and inf propagate; a float32 overflow,
     # which only absurd activations reach, is rejected too), and it needs no boolean mask.
@@ -224,30 +252,28 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
 
 
 def _decode_tensor(
-    meta: Any, data: bytes | bytearray | memoryview, offset: int, where: str
+    dtype_id: int,
+    ndim: int,
+    dims: tuple[int, ...],
+    data: bytes | bytearray | memoryview,
+    offset: int,
+    where: str,
 ) -> tuple[torch.Tensor, int]:
-    if not isinstance(meta, dict) or set(meta) != {"name", "dtype", "shape"}:
-        raise CodecError(f"{where}: malformed tensor descriptor")
-    dtype = _DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+    dtype = _DTYPE_BY_ID[dtype_id] if dtype_id < len(_DTYPE_BY_ID) else None
     if dtype is None:
-        raise CodecError(f"{where}: dtype {str(meta['dtype'])[:40]!r} is not allowed")
-    shape = meta["shape"]
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(type(d) is int and 0 <= d <= MAX_MESSAGE_BYTES for d in shape)
-    ):
-        raise CodecError(f"{where}: bad shape {str(shape)[:80]}")
-    wire_np, native_np = _NUMPY[meta["dtype"]]
+        raise CodecError(f"{where}: dtype id {dtype_id} is not allowed")
+    if ndim > MAX_DIMS or any(dims[ndim:]) or max(dims) > MAX_MESSAGE_BYTES:
+        raise CodecError(f"{where}: bad shape (ndim {ndim}, dimensions {list(dims)})")
+    shape = dims[:ndim]
     count = math.prod(shape)
-    nbytes = count * wire_np.itemsize
+    nbytes = count * dtype.wire.itemsize
     if nbytes > MAX_MESSAGE_BYTES or offset + _align(nbytes) > len(data):
-        raise CodecError(f"{where}: shape {shape} needs {nbytes} bytes, message is truncated")
-    arr = np.frombuffer(data, dtype=wire_np, count=count, offset=offset).reshape(shape)
+        raise CodecError(f"{where}: shape {list(shape)} needs {nbytes} bytes, message is truncated")
+    arr = np.frombuffer(data, dtype=dtype.wire, count=count, offset=offset).reshape(shape)
     # A writable buffer (in-process delivery) is owned by this message alone: view it without a copy.
-    t = torch.from_numpy(arr.astype(native_np, copy=not arr.flags.writeable))
-    if dtype in _CARRIERS:
-        t = t.view(dtype)
+    t = torch.from_numpy(arr.astype(dtype.native, copy=not arr.flags.writeable))
+    if dtype.torch in _CARRIERS:
+        t = t.view(dtype.torch)
     _check_finite(t, where)
     if any(data[offset + nbytes : offset + _align(nbytes)]):
         raise CodecError(f"{where}: non-zero padding after the tensor (shape does not match the bytes)")
@@ -272,37 +298,59 @@ def _only_codec_errors(fn: Callable[[T], R], arg: T, stray: tuple[type[Exception
 
 
 def _decode(data: bytes | bytearray | memoryview) -> Message:
-    header = _parse_header(data)
-    offset = header.pop("_offset")
-    kind = header.get("kind")
-    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise CodecError(f"unknown message kind {str(kind)[:40]!r}")
-    if set(header) != {"kind", "header", "fields", "tensors"}:
-        raise CodecError(f"{cls.KIND}: unexpected header keys {sorted(header)}")
-    h = header["header"]
-    if not isinstance(h, dict) or set(h) != set(_HEADER_TYPES):
-        raise CodecError(f"{cls.KIND}: malformed header fields")
-    hdr = Header(**{k: _check_type(h[k], t, cls.KIND, where) for k, (t, where) in _HEADER_CHECKS.items()})
-    _check_header_ints(hdr, cls.KIND)
-    scalars = _scalar_fields(cls)
-    fields = header["fields"]
-    if not isinstance(fields, dict) or set(fields) != set(scalars):
-        got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
-        raise CodecError(f"{cls.KIND}: expected fields {sorted(scalars)}, got {str(got)[:200]}")
-    kwargs: dict[str, Any] = {k: _check_type(fields[k], t, cls.KIND, k) for k, t in scalars.items()}
-    expected = _tensor_fields(cls)
-    metas = header["tensors"]
-    if (
-        not isinstance(metas, list)
-        or [m.get("name") if isinstance(m, dict) else None for m in metas] != expected
-    ):
-        raise CodecError(f"{cls.KIND}: expected tensors {expected}")
-    for meta in metas:
-        kwargs[meta["name"]], offset = _decode_tensor(meta, data, offset, f"{cls.KIND}.{meta['name']}")
-    if offset != len(data):
-        raise CodecError(f"{cls.KIND}: {len(data) - offset} trailing bytes")
-    return cls(header=hdr, **kwargs)
+    size = len(data)
+    if size > MAX_MESSAGE_BYTES:
+        raise CodecError(f"message of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    if size < _PREFIX.size:
+        raise CodecError("truncated message: no header")
+    n, version, kind_id = _PREFIX.unpack_from(data)
+    if version != WIRE_VERSION:
+        raise CodecError(
+            f"wire format version {version}, expected {WIRE_VERSION} (a peer on another release?)"
+        )
+    if kind_id >= len(_LAYOUT_BY_ID):
+        raise CodecError(f"unknown message kind id {kind_id}")
+    layout = _LAYOUT_BY_ID[kind_id]
+    kind, end = layout.cls.KIND, 4 + n
+    if n > MAX_HEADER_BYTES or end > size or end % ALIGN or end < layout.fixed.size:
+        raise CodecError(f"bad header length {n} for a {kind} message of {size} bytes")
+    values = layout.fixed.unpack_from(data)
+    texts, p = [], layout.fixed.size
+    try:
+        for i in layout.text_slots:
+            q = p + values[i]
+            if q > end:
+                raise CodecError(f"{kind}.{layout.slots[i]}: the strings run past the header")
+            texts.append(str(data[p:q], "utf-8"))
+            p = q
+    except UnicodeDecodeError:
+        raise CodecError(f"{kind}: a string is not valid UTF-8") from None
+    if _align(p) != end or any(data[p:end]):
+        raise CodecError(f"{kind}: the header is not padded with the fewest zero bytes")
+    hdr = Header(*texts[:3], *values[3:6])
+    _check_header_ints(hdr, kind)
+    kwargs: dict[str, Any] = {}
+    k, next_text = layout.first_scalar, 3
+    for name, typ in layout.scalars:
+        value = values[k]
+        k += 1
+        if typ is str:
+            value, next_text = texts[next_text], next_text + 1
+        elif typ is bool:
+            if value > 1:
+                raise CodecError(f"{kind}.{name}: expected bool (0 or 1), got {value}")
+            value = value == 1
+        elif typ is float and not math.isfinite(value):
+            raise CodecError(f"{kind}.{name}: not finite")
+        kwargs[name] = value
+    offset = end
+    for name in layout.tensors:
+        dims = values[k + 2 : k + 2 + MAX_DIMS]
+        kwargs[name], offset = _decode_tensor(values[k], values[k + 1], dims, data, offset, f"{kind}.{name}")
+        k += 2 + MAX_DIMS
+    if offset != size:
+        raise CodecError(f"{kind}: {size - offset} trailing bytes")
+    return layout.cls(header=hdr, **kwargs)
 
 
 def copy_message(msg: Message) -> tuple[Message, int]:

@@ -1,8 +1,10 @@
 """Typed messages exchanged between parties.
 
 Every message carries a header (job, sender, receiver, round, step, seq) and typed
-fields. Tensor fields travel as raw bytes with dtype and shape (see codec.py); scalar
-fields travel in a JSON header. Nothing is ever pickled.
+fields. Tensor fields travel as raw bytes with dtype and shape, scalar fields in a binary
+header (see codec.py). Nothing is ever pickled.
+
+A kind's place in MESSAGE_TYPES is its id on the wire: add new kinds at the end.
 """
 
 from __future__ import annotations
