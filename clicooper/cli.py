@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from clicooper.allocator import keep_freed_memory
 from clicooper.bench.cli import bench_app
 from clicooper.checkpoint import CheckpointError
 from clicooper.config import NO_DEFENCES, ConfigError, JobConfig, load_config, parse_config
@@ -167,6 +168,8 @@ def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSumm
     A run that fails to start leaves no run folder behind (a resumed one keeps its folder); a run
     whose chain the verifier rejects exits with EXIT_REJECTED after printing its summary."""
     apply_threads(cfg.job.threads)
+    if cfg.job.keep_freed_memory:
+        keep_freed_memory()
     try:
         data = prepare_data(cfg)
         job = ChainJob(cfg, data, run_dir)

@@ -67,6 +67,10 @@ class JobSection(_Section):
     # links. None: `JobConfig.link_window()`. A deployment setting, like `threads`: a resume may
     # change it.
     ack_window: StrictInt | None = Field(None, ge=1, le=1024)
+    # keep freed memory in each party process for reuse instead of returning it to the kernel
+    # (glibc's mmap and trim thresholds raised: `clicooper/allocator.py`); off gives memory back
+    # between steps at the cost of page faults. A deployment setting: a resume may change it.
+    keep_freed_memory: StrictBool = True
 
     @model_validator(mode="after")
     def _safe_root(self) -> JobSection:
@@ -413,6 +417,7 @@ RESUME_MUTABLE = frozenset(
         "job.run_root",
         "job.threads",
         "job.ack_window",
+        "job.keep_freed_memory",
         "training.epochs",
         "training.eval_batch_size",
     }

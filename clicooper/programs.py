@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from clicooper.allocator import keep_freed_memory
 from clicooper.checkpoint import CheckpointError, round_prefix, save_state, saved_rounds
 from clicooper.manifest import DATA_OWNER, JobManifest, ManifestError, PartyKeys
 from clicooper.threads import apply_threads
@@ -91,6 +92,8 @@ def load_party(manifest_path: Path, identity: Path, role: str) -> tuple[JobManif
         raise ProgramError(f"{identity} holds the keys of {keys.name}, a {keys.role}, not of a {role}")
     # `job.threads` when configured; otherwise torch's default, or OMP_NUM_THREADS (launch local: 1)
     apply_threads(manifest.config.job.threads)
+    if manifest.config.job.keep_freed_memory:
+        keep_freed_memory()
     return manifest, keys
 
 

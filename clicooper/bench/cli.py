@@ -9,6 +9,7 @@ import torch
 import typer
 from rich.console import Console
 
+from clicooper.allocator import keep_freed_memory
 from clicooper.bench.common import write_json
 from clicooper.bench.report import machine_line, render
 from clicooper.bench.suite import BENCHMARKS, Benchmark, Options
@@ -31,6 +32,7 @@ OutOpt = Annotated[Path | None, typer.Option(help="Folder for one JSON file per 
 def _run(benches: list[Benchmark], o: Options, out: Path | None) -> None:
     if o.threads is not None:
         torch.set_num_threads(o.threads)
+    keep_freed_memory()  # as every party process does by default (`job.keep_freed_memory`)
     console.print(machine_line(), highlight=False)
     for b in benches:
         result = b.run(o)

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from clicooper.allocator import keep_freed_memory
 from clicooper.threads import apply_threads
 
 JOB = "bench-mp"
@@ -70,6 +71,8 @@ def main() -> None:
     from clicooper.transport.grpc import GrpcOptions, GrpcTransport, Roster, TlsCredentials
 
     cfg = JobConfig.model_validate_json(Path(cfg_path).read_text(), context={"programmatic": True})
+    if cfg.job.keep_freed_memory:
+        keep_freed_memory()
     data = prepare_data(cfg) if party == "data_owner" else _stand_in(json.loads(Path(shapes).read_text()))
     roster = Roster.chain(JOB, cfg.model.n_trainers)
     tls = {party: TlsCredentials.load(f"{pki}/{party}")}

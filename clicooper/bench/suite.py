@@ -82,6 +82,8 @@ def _multiprocess(o: Options) -> BenchResult:
         "gRPC + mTLS, 4 micro-batches, window 1": {"training": piped, "job": {"ack_window": 1}},
         "gRPC + mTLS, 4 micro-batches, window 8": {"training": piped},  # the default window: 2 x 4
         "gRPC + mTLS, bfloat16 links": {"training": {"wire_dtype": "bfloat16"}},  # half the bytes
+        # glibc's own thresholds: freed buffers go back to the kernel and are faulted in again
+        "gRPC + mTLS, freed memory returned": {"job": {"keep_freed_memory": False}},
     }
     return bench_multiprocess(cfg, prepare_data(cfg), o.repeats or 3, variants=variants, threads=o.threads)
 

@@ -1,0 +1,52 @@
+"""Freed memory is kept for reuse (`job.keep_freed_memory`): a process that frees and reallocates
+the same large buffers step after step stops faulting their pages in again."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from clicooper.config import RESUME_MUTABLE, ConfigError, parse_config
+
+# Each "step" allocates three 4 MB buffers, writes every page, and frees them. glibc's defaults
+# return the heap's top to the kernel once more than twice the largest freed block is free there,
+# so every step faults about two thirds of its 3,072 pages in again (2,016 on our machine); the
+# raised thresholds keep them all.
+_STEPS = """
+import resource, sys
+from clicooper.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def step():
+    blocks = [b"\\x01" * (4 << 20) for _ in range(3)]
+    del blocks
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _page_faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+def test_kept_memory_is_reused_without_page_faults():
+    returned, kept = _page_faults("default"), _page_faults("keep")
+    assert returned > 10 * 1000, returned  # over 1,000 pages faulted in again every step
+    assert kept < 100, (kept, returned)
+
+
+def test_the_setting_is_on_by_default_and_a_resume_may_change_it():
+    assert parse_config({}, allow_empty=True).job.keep_freed_memory is True
+    assert parse_config({"job": {"keep_freed_memory": False}}).job.keep_freed_memory is False
+    with pytest.raises(ConfigError, match="keep_freed_memory"):
+        parse_config({"job": {"keep_freed_memory": "yes"}})
+    assert "job.keep_freed_memory" in RESUME_MUTABLE  # a deployment setting, like job.threads
