@@ -1,3 +1,5 @@
+import struct
+
 import pytest
 import torch
 
@@ -119,7 +121,9 @@ def test_rejects_bad_dtype_shape_kind_and_truncation():
         ({"activation.shape[0]": 2**63}, "bad shape"),
         ({"kind": 200}, "unknown message kind"),
         ({"version": 1}, "wire format version 1, expected 2"),
+        ({"round": -1}, "must be >= 0"),
         ({"step": -1}, "must be >= 0"),
+        ({"seq": -(2**63)}, "must be >= 0"),
         ({"train": 2}, "expected bool"),
         ({"job_id.len": 10**6}, "run past the header"),
         ({"job_id.len": 2}, "not padded"),  # the strings end early: slack before the tensors
@@ -132,6 +136,31 @@ def test_rejects_bad_dtype_shape_kind_and_truncation():
     for cut in (0, 3, 10, len(data) - 1):
         with pytest.raises(CodecError):
             decode(data[:cut])
+    dims = {"activation.ndim": 8, "activation.shape[0]": 0} | {
+        f"activation.shape[{i}]": 2**29 for i in range(1, 8)
+    }
+    with pytest.raises(CodecError):  # no elements, but a shape numpy cannot hold
+        decode(_tamper(data, dims))
+
+
+def test_rejects_slack_and_stray_bytes_around_the_tensors():
+    data = bytes(encode(Forward(header=H, activation=torch.randn(2, 3))))
+    end = 4 + codec._PREFIX.unpack_from(data)[0]
+    slack = _tamper(data, {"header_length": end - 4 + 64})
+    with pytest.raises(CodecError, match="not padded"):  # one more block of zeros than needed
+        decode(slack[:end] + bytes(64) + slack[end:])
+    with pytest.raises(CodecError, match="padding"):  # the first byte after the tensor's 24
+        decode(data[: end + 24] + b"\x01" + data[end + 25 :])
+
+
+def test_rejects_oversize_messages_and_version_1_peers(monkeypatch):
+    data = bytes(encode(Forward(header=H, activation=torch.randn(2, 3))))
+    json_frame = struct.pack(">I", 60) + b'{"kind":"forward"}'.ljust(60)  # how version 1 began
+    with pytest.raises(CodecError, match="JSON header"):
+        decode(json_frame)
+    monkeypatch.setattr(codec, "MAX_MESSAGE_BYTES", len(data) - 1)
+    with pytest.raises(CodecError, match="exceeds"):
+        decode(data)
 
 
 def test_rejects_a_malformed_header_body():
@@ -139,8 +168,9 @@ def test_rejects_a_malformed_header_body():
     data = bytes(encode(msg))
     at = codec._LAYOUTS[Backward].fixed.size  # the strings follow the fixed part: "job", "a", "b"
     assert data[at : at + 5] == b"jobab"
-    with pytest.raises(CodecError, match="not valid UTF-8"):
-        decode(data[:at] + b"\xff" + data[at + 1 :])
+    for bad in (b"\xff\xff\xff", b"\xed\xa0\x80", b"\xc0\x80o"):  # not UTF-8; a surrogate; overlong NUL
+        with pytest.raises(CodecError, match="not valid UTF-8"):
+            decode(data[:at] + bad + data[at + 3 :])
     with pytest.raises(CodecError, match="not padded"):
         decode(data[: at + 5] + b"\x01" + data[at + 6 :])  # padding must be zeros
     with pytest.raises(CodecError, match="not finite"):

@@ -304,6 +304,8 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
     if size < _PREFIX.size:
         raise CodecError("truncated message: no header")
     n, version, kind_id = _PREFIX.unpack_from(data)
+    if version == ord("{"):  # version 1 started its JSON header here
+        raise CodecError(f"a JSON header (wire format version 1), expected version {WIRE_VERSION}")
     if version != WIRE_VERSION:
         raise CodecError(
             f"wire format version {version}, expected {WIRE_VERSION} (a peer on another release?)"
