@@ -46,16 +46,16 @@ INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 T, R = TypeVar("T"), TypeVar("R")
 
 # A dtype's wire id is its place in this tuple, counted from 1 (0 is never valid): append only.
-_WIRE_DTYPES: tuple[tuple[str, torch.dtype], ...] = (
-    ("float32", torch.float32),
-    ("float64", torch.float64),
-    ("float16", torch.float16),
-    ("bfloat16", torch.bfloat16),
-    ("int64", torch.int64),
-    ("int32", torch.int32),
-    ("uint8", torch.uint8),
+_WIRE_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
 )
-_DTYPE_IDS = {t: i for i, (_, t) in enumerate(_WIRE_DTYPES, start=1)}
+_DTYPE_IDS = {t: i for i, t in enumerate(_WIRE_DTYPES, start=1)}
 # numpy has no bfloat16: its bytes travel through numpy as int16 and are viewed back in torch
 _CARRIERS: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
 
@@ -67,7 +67,6 @@ def _numpy_dtype(t: torch.dtype) -> np.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class _WireDtype:
-    name: str
     torch: torch.dtype
     wire: np.dtype  # the numpy view of the bytes as they travel (little-endian)
     native: np.dtype  # the same in this machine's byte order
@@ -75,7 +74,7 @@ class _WireDtype:
 
 # indexed by wire id; None at 0 so that a zero id reads as "not allowed"
 _DTYPE_BY_ID: tuple[_WireDtype | None, ...] = (None,) + tuple(
-    _WireDtype(name, t, _numpy_dtype(t).newbyteorder("<"), _numpy_dtype(t)) for name, t in _WIRE_DTYPES
+    _WireDtype(t, _numpy_dtype(t).newbyteorder("<"), _numpy_dtype(t)) for t in _WIRE_DTYPES
 )
 _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _SCALAR_FORMATS = {int: "q", float: "d", bool: "B", str: "I"}
@@ -83,7 +82,11 @@ _HEADER_TYPES = {f.name: _SCALAR_TYPES[f.type] for f in dataclasses.fields(Heade
 _HEADER_CHECKS = {k: (t, f"header.{k}") for k, t in _HEADER_TYPES.items()}
 _HEADER_TEXTS, _HEADER_INTS = ("job_id", "sender", "receiver"), ("round", "step", "seq")
 assert set(_HEADER_TYPES) == {*_HEADER_TEXTS, *_HEADER_INTS}, "the wire layout must cover Header"
-_PREFIX = struct.Struct("<IBB")  # header length, version, kind id: read before the kind is known
+_PREFIX = struct.Struct("<IBB")  # read before the kind is known
+_PREFIX_SLOTS = ("header_length", "version", "kind")
+# where a kind's scalar fields start among its fixed part's values: after the prefix and the
+# header's counters and string lengths
+_FIRST_SCALAR = len(_PREFIX_SLOTS) + len(_HEADER_INTS) + len(_HEADER_TEXTS)
 _NO_DIMS = (0,) * MAX_DIMS
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the wire's byte order: tensors go as they are
 _ZEROS = bytes(ALIGN)
@@ -118,21 +121,19 @@ class _Layout:
     scalars: tuple[tuple[str, type], ...]  # (name, type), in declaration order
     tensors: tuple[str, ...]
     text_slots: tuple[int, ...]  # where the strings' byte lengths are among the values
-    first_scalar: int  # where the scalar fields start among the values
 
 
 def _layout(kind_id: int, cls: type[Message]) -> _Layout:
     scalars = tuple(_scalar_fields(cls).items())
     tensors = tuple(_tensor_fields(cls))
-    slots = ["header_length", "version", "kind", *_HEADER_INTS, *(f"{k}.len" for k in _HEADER_TEXTS)]
-    first_scalar = len(slots)
+    slots = [*_PREFIX_SLOTS, *_HEADER_INTS, *(f"{k}.len" for k in _HEADER_TEXTS)]
     slots += [f"{name}.len" if t is str else name for name, t in scalars]
     for name in tensors:
         slots += [f"{name}.dtype", f"{name}.ndim", *(f"{name}.shape[{i}]" for i in range(MAX_DIMS))]
     fmt = _PREFIX.format + "q" * len(_HEADER_INTS) + "I" * len(_HEADER_TEXTS)
     fmt += "".join(_SCALAR_FORMATS[t] for _, t in scalars) + ("BB" + "Q" * MAX_DIMS) * len(tensors)
     texts = tuple(i for i, s in enumerate(slots) if s.endswith(".len"))
-    return _Layout(cls, kind_id, struct.Struct(fmt), tuple(slots), scalars, tensors, texts, first_scalar)
+    return _Layout(cls, kind_id, struct.Struct(fmt), tuple(slots), scalars, tensors, texts)
 
 
 # A kind's wire id is its place in MESSAGE_TYPES (messages.py appends only).
@@ -332,7 +333,7 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
     hdr = Header(*texts[:3], *values[3:6])
     _check_header_ints(hdr, kind)
     kwargs: dict[str, Any] = {}
-    k, next_text = layout.first_scalar, 3
+    k, next_text = _FIRST_SCALAR, 3
     for name, typ in layout.scalars:
         value = values[k]
         k += 1
