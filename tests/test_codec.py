@@ -32,6 +32,7 @@ MESSAGES = [
     Forward(header=H, activation=torch.empty(0, 3)),
     Backward(header=H, grad=torch.randn(3, 5).bfloat16(), loss=0.5),  # training.wire_dtype
     Forward(header=H, activation=torch.randn(2, 3, 4).half()),
+    Forward(header=H, activation=torch.tensor(1.5)),  # 0-d: one element, no dimensions
 ]
 # messages whose fields are strings, with text beyond ASCII
 TEXT_MESSAGES = [
@@ -240,3 +241,4 @@ def test_in_process_copy_rejects_what_decoding_rejects():
     t = torch.randn(3, 4)
     copy, _ = copy_message(Forward(header=H, activation=t.T))  # a non-contiguous view: copied contiguous
     assert copy.activation.is_contiguous() and torch.equal(copy.activation, t.T)
+

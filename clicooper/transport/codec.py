@@ -182,7 +182,7 @@ def _wire_parts(msg: Message) -> list[bytes | memoryview]:
         arr = (t.view(_CARRIERS[t.dtype]) if t.dtype in _CARRIERS else t).numpy()
         if not _LITTLE_ENDIAN:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        parts.append(memoryview(arr).cast("B") if arr.size else b"")  # cast: flat bytes, no copy
         parts.append(_ZEROS[: _pad(arr.nbytes)])
     return parts
 
@@ -198,13 +198,14 @@ def encode(msg: Message) -> memoryview:
     parts = _only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS)
     total = sum(len(p) for p in parts)
     raw = np.empty(total + ALIGN, dtype=np.uint8)
-    start = (-raw.__array_interface__["data"][0]) % ALIGN
-    out = raw[start : start + total]
+    start = -raw.ctypes.data % ALIGN
+    out = memoryview(raw)[start : start + total]
     offset = 0
-    for p in parts:
-        out[offset : offset + len(p)] = np.frombuffer(p, dtype=np.uint8)
-        offset += len(p)
-    return memoryview(out)
+    for p in parts:  # memoryview slice assignment: one memcpy a part, no numpy call
+        end = offset + len(p)
+        out[offset:end] = p
+        offset = end
+    return out
 
 
 def encode_frame(msg: Message) -> bytes:
@@ -276,7 +277,7 @@ def _decode_tensor(
     if dtype.torch in _CARRIERS:
         t = t.view(dtype.torch)
     _check_finite(t, where)
-    if any(data[offset + nbytes : offset + _align(nbytes)]):
+    if nbytes % ALIGN and any(data[offset + nbytes : offset + _align(nbytes)]):
         raise CodecError(f"{where}: non-zero padding after the tensor (shape does not match the bytes)")
     return t, offset + _align(nbytes)
 
@@ -331,7 +332,8 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
     if _align(p) != end or any(data[p:end]):
         raise CodecError(f"{kind}: the header is not padded with the fewest zero bytes")
     hdr = Header(*texts[:3], *values[3:6])
-    _check_header_ints(hdr, kind)
+    if min(values[3:6]) < 0:  # round, step, seq (the check names which)
+        _check_header_ints(hdr, kind)
     kwargs: dict[str, Any] = {}
     k, next_text = _FIRST_SCALAR, 3
     for name, typ in layout.scalars:
