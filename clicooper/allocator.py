@@ -11,6 +11,10 @@ it needed at its peak, in every one of its allocator's arenas (what `clicooper b
 peak RSS), until it exits. The setting is for the whole process and is not undone: call it from a
 process's entry point (`clicooper run`, the party programs, `clicooper bench`, whose in-process
 chains run with it too).
+
+glibc never keeps blocks above 32 MiB (its largest mmap threshold): each is mapped afresh and
+unmapped on free. For the one such buffer we allocate ourselves, a message's encoding buffer
+(`byte_buffer`), a process that keeps freed memory reuses the last few once nothing refers to them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
+import sys
+import threading
+
+import numpy as np
 
 log = logging.getLogger("clicooper.allocator")
 
@@ -30,9 +38,54 @@ MMAP_THRESHOLD = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
 TRIM_THRESHOLD = 512 * 1024 * 1024  # free memory a heap's top may hold before it is returned
 
 
+class _LargeBuffers:
+    """Byte buffers above glibc's largest kept block, handed out again once no view of them is alive.
+
+    A buffer is free when the only references to it are this cache's: whoever holds a buffer or
+    anything derived from it (a slice, a memoryview, a numpy array or tensor viewing it) holds a
+    reference to it, so a buffer still in use is never handed out twice."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.enabled = False
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def _free(self, i: int) -> bool:
+        return sys.getrefcount(self._buffers[i]) == 2  # the list's and getrefcount's argument's
+
+    def get(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            free = [i for i in range(len(self._buffers)) if self._free(i)]
+            for i in free:
+                if self._buffers[i].nbytes >= nbytes:
+                    return self._buffers[i][:nbytes]
+            buf = np.empty(nbytes, dtype=np.uint8)
+            if len(self._buffers) < self.keep:
+                self._buffers.append(buf)
+            elif free:  # too small for this message: make room for the larger one
+                self._buffers[free[0]] = buf
+            return buf
+
+
+_LARGE = _LargeBuffers(keep=2)  # a sender's last two large messages: enough to alternate
+
+
+def byte_buffer(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 array of `nbytes`. Above MMAP_THRESHOLD, in a process that keeps freed
+    memory, a buffer from an earlier call that nothing refers to any more is reused: its pages are
+    in memory already (a 64 MB message's encoding took twice a copy when every page was faulted in
+    afresh: BENCHMARKS.md, codec)."""
+    if nbytes < MMAP_THRESHOLD or not _LARGE.enabled:
+        return np.empty(nbytes, dtype=np.uint8)
+    return _LARGE.get(nbytes)
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; whether they were set (False on a
-    C library other than glibc, where nothing changes). Call once, at the start of a process."""
+    C library other than glibc, where only `byte_buffer`'s are kept). Call once, at the start of a
+    process."""
+    _LARGE.enabled = True
     if platform.libc_ver()[0] != "glibc":
         return False
     try:

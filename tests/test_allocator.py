@@ -8,8 +8,10 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from clicooper import allocator
 from clicooper.config import RESUME_MUTABLE, ConfigError, parse_config
 
 # Each "step" allocates three 4 MB buffers, writes every page, and frees them. glibc's defaults
@@ -55,3 +57,32 @@ def test_the_setting_is_on_by_default_and_a_resume_may_change_it():
     with pytest.raises(ConfigError, match="keep_freed_memory"):
         parse_config({"job": {"keep_freed_memory": "yes"}})
     assert "job.keep_freed_memory" in RESUME_MUTABLE  # a deployment setting, like job.threads
+
+
+@pytest.fixture
+def large_buffers(monkeypatch):
+    """A fresh cache of large buffers, on, for anything from 1 KiB."""
+    monkeypatch.setattr(allocator, "MMAP_THRESHOLD", 1024)
+    cache = allocator._LargeBuffers(keep=2)
+    cache.enabled = True
+    monkeypatch.setattr(allocator, "_LARGE", cache)
+    return cache
+
+
+def test_a_large_buffer_is_reused_only_once_nothing_views_it(large_buffers):
+    a = allocator.byte_buffer(4096)
+    address = a.ctypes.data
+    view = np.frombuffer(memoryview(a)[64:128], dtype=np.float32)
+    del a
+    b = allocator.byte_buffer(4096)  # `a` is viewed still: a buffer of its own
+    assert b.ctypes.data != address
+    del view
+    c = allocator.byte_buffer(2048)  # `a`'s is free and large enough
+    assert c.ctypes.data == address and c.nbytes == 2048
+    assert allocator.byte_buffer(8192).ctypes.data not in (address, b.ctypes.data)  # both in use
+
+
+def test_small_buffers_and_a_process_that_returns_memory_get_fresh_arrays(large_buffers):
+    assert allocator.byte_buffer(512).base is None  # below the threshold: numpy's own array
+    large_buffers.enabled = False
+    assert allocator.byte_buffer(4096).base is None and not large_buffers._buffers

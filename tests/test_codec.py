@@ -3,6 +3,7 @@ import struct
 import pytest
 import torch
 
+from clicooper import allocator
 from clicooper.transport import (
     Backward,
     CodecError,
@@ -242,3 +243,19 @@ def test_in_process_copy_rejects_what_decoding_rejects():
     copy, _ = copy_message(Forward(header=H, activation=t.T))  # a non-contiguous view: copied contiguous
     assert copy.activation.is_contiguous() and torch.equal(copy.activation, t.T)
 
+
+def test_a_reused_encoding_buffer_never_changes_a_message_decoded_from_it(monkeypatch):
+    """Large encoding buffers are reused (`allocator.byte_buffer`), but only once nothing views them."""
+    monkeypatch.setattr(allocator, "MMAP_THRESHOLD", 1024)
+    cache = allocator._LargeBuffers(keep=2)
+    cache.enabled = True
+    monkeypatch.setattr(allocator, "_LARGE", cache)
+    first = decode(encode(Forward(header=H, activation=torch.zeros(64, 8))))  # views its buffer
+    kept = first.activation.clone()
+    for _ in range(4):
+        assert bool((decode(encode(Forward(header=H, activation=torch.ones(64, 8)))).activation == 1).all())
+    assert torch.equal(first.activation, kept)  # its buffer was not handed out again
+    address = first.activation.data_ptr()
+    del first
+    again = decode(encode(Forward(header=H, activation=torch.full((64, 8), 2.0))))
+    assert again.activation.data_ptr() == address and torch.equal(again.activation, torch.full((64, 8), 2.0))

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from clicooper.allocator import byte_buffer
 from clicooper.transport.messages import MESSAGE_TYPES, Header, Message
 
 WIRE_VERSION = 2  # 1 was a JSON header; a peer on another version is refused by name
@@ -197,7 +198,7 @@ def encode(msg: Message) -> memoryview:
     `decode` views without copying, for delivery within one process."""
     parts = _only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS)
     total = sum(len(p) for p in parts)
-    raw = np.empty(total + ALIGN, dtype=np.uint8)
+    raw = byte_buffer(total + ALIGN)
     start = -raw.ctypes.data % ALIGN
     out = memoryview(raw)[start : start + total]
     offset = 0
