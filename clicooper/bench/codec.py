@@ -5,13 +5,16 @@ writable buffer (in-process delivery, zero-copy views) and from read-only `bytes
 transport hands over, one copy). The network path is timed as well: `encode_frame` (the `bytes`
 the gRPC transport sends) then decoding those bytes. The references are one memory copy into a
 preallocated tensor (`copy_`) and `clone` (allocation + copy, as encoding allocates its buffer);
-the target is encode + decode within 2x of one copy for 1 MB and more.
+the target is encode + decode within 2x of one copy for 1 MB and more. All six are timed in turn,
+round after round (`_row`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 import torch
 
@@ -21,6 +24,7 @@ from clicooper.transport.messages import Forward, Header
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [4 << 10, 1 << 20]
+T = TypeVar("T")
 
 
 @dataclass
@@ -102,32 +106,37 @@ def _size(n: int) -> str:
     return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
 
 
-def _time(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return median(ts)
+def _clock(fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def _row(nbytes: int, rounds: int) -> CodecRow:
+    """Medians over `rounds` rounds, each timing the two references and then a round trip as it
+    happens: encode, decode what was just encoded, and the same through `bytes`. Timing them in
+    turn means that a slow spell of a shared machine slows the copy and the codec alike, and each
+    decode reads a buffer as fresh in cache as a receiver's would be."""
+    x = torch.randn(nbytes // 4)
+    msg = Forward(header=Header("bench", "data_owner", "trainer_1", 0, 0, 1), activation=x)
+    dst = torch.empty_like(x)
+    times: dict[str, list[float]] = {f.name: [] for f in fields(CodecRow) if f.name != "nbytes"}
+    for _ in range(rounds):
+        times["copy_s"].append(_clock(dst.copy_, x)[1])
+        times["alloc_copy_s"].append(_clock(x.clone)[1])
+        buf, t = _clock(encode, msg)
+        times["encode_s"].append(t)
+        times["decode_inproc_s"].append(_clock(decode, buf)[1])
+        frame, t = _clock(encode_frame, msg)
+        times["frame_s"].append(t)
+        times["decode_bytes_s"].append(_clock(decode, frame)[1])
+        del buf, frame  # what a sender lets go of after a message
+    return CodecRow(nbytes, **{k: median(ts) for k, ts in times.items()})
 
 
 def bench_codec(sizes: list[int] | None = None, repeats: int = 9) -> CodecBench:
     rows = []
     for nbytes in sizes or SIZES:
-        x = torch.randn(nbytes // 4)
-        msg = Forward(header=Header("bench", "data_owner", "trainer_1", 0, 0, 1), activation=x)
-        n = max(3, min(repeats * 10, (256 << 20) // nbytes)) if repeats > 1 else 1
-        buf = encode(msg)
-        frozen = bytes(buf)
-        rows.append(
-            CodecRow(
-                nbytes,
-                copy_s=_time(lambda d=torch.empty_like(x), s=x: d.copy_(s), n),
-                alloc_copy_s=_time(x.clone, n),
-                encode_s=_time(lambda m=msg: encode(m), n),
-                decode_inproc_s=_time(lambda b=buf: decode(b), n),
-                decode_bytes_s=_time(lambda f=frozen: decode(f), n),
-                frame_s=_time(lambda m=msg: encode_frame(m), n),
-            )
-        )
+        rounds = max(9, min(repeats * 20, (512 << 20) // nbytes)) if repeats > 1 else 1
+        rows.append(_row(nbytes, rounds))
     return CodecBench(rows)
