@@ -68,7 +68,21 @@ class _LargeBuffers:
             return buf
 
 
+def _refcounts_are_exact() -> bool:
+    """Whether `_LargeBuffers._free` can trust reference counts: CPython with its GIL, where an
+    object held by one list reads 2 and by one more name 3 (checked, not assumed). Elsewhere the
+    cache stays off and every large buffer is new."""
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    if sys.implementation.name != "cpython" or not gil:
+        return False
+    probe = [np.empty(1, dtype=np.uint8)]
+    alone = sys.getrefcount(probe[0])
+    held = probe[0]
+    return alone == 2 and sys.getrefcount(held) == 3
+
+
 _LARGE = _LargeBuffers(keep=2)  # a sender's last two large messages: enough to alternate
+_REFCOUNTS_EXACT = _refcounts_are_exact()
 
 
 def byte_buffer(nbytes: int) -> np.ndarray:
@@ -82,10 +96,10 @@ def byte_buffer(nbytes: int) -> np.ndarray:
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process; whether they were set (False on a
-    C library other than glibc, where only `byte_buffer`'s are kept). Call once, at the start of a
-    process."""
-    _LARGE.enabled = True
+    """Raise glibc's mmap and trim thresholds for this process and let `byte_buffer` keep its large
+    buffers (on any C library; on CPython with its GIL, `_refcounts_are_exact`). Returns whether the
+    thresholds were set (False on a C library other than glibc). Call once, at a process's start."""
+    _LARGE.enabled = _REFCOUNTS_EXACT
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -96,5 +110,5 @@ def keep_freed_memory() -> bool:
     results = [mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
     ok = results == [1, 1]
     if not ok:
-        log.warning("glibc refused the allocator settings; freed memory is returned as usual")
+        log.warning("glibc refused the allocator settings; the blocks it frees are returned as usual")
     return ok

@@ -46,3 +46,15 @@ def copy_run(src: Path, tmp_path: Path) -> Path:
     d = tmp_path / "run"
     shutil.copytree(src, d)
     return d
+
+
+@pytest.fixture
+def large_buffers(monkeypatch):
+    """A fresh cache of large encoding buffers (`allocator.byte_buffer`), on, from 1 KiB up."""
+    from clicooper import allocator
+
+    monkeypatch.setattr(allocator, "MMAP_THRESHOLD", 1024)
+    cache = allocator._LargeBuffers(keep=2)
+    cache.enabled = True
+    monkeypatch.setattr(allocator, "_LARGE", cache)
+    return cache

@@ -59,16 +59,6 @@ def test_the_setting_is_on_by_default_and_a_resume_may_change_it():
     assert "job.keep_freed_memory" in RESUME_MUTABLE  # a deployment setting, like job.threads
 
 
-@pytest.fixture
-def large_buffers(monkeypatch):
-    """A fresh cache of large buffers, on, for anything from 1 KiB."""
-    monkeypatch.setattr(allocator, "MMAP_THRESHOLD", 1024)
-    cache = allocator._LargeBuffers(keep=2)
-    cache.enabled = True
-    monkeypatch.setattr(allocator, "_LARGE", cache)
-    return cache
-
-
 def test_a_large_buffer_is_reused_only_once_nothing_views_it(large_buffers):
     a = allocator.byte_buffer(4096)
     address = a.ctypes.data

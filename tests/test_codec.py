@@ -1,9 +1,11 @@
 import struct
+import sys
+import threading
+import time
 
 import pytest
 import torch
 
-from clicooper import allocator
 from clicooper.transport import (
     Backward,
     CodecError,
@@ -153,6 +155,9 @@ def test_rejects_slack_and_stray_bytes_around_the_tensors():
         decode(slack[:end] + bytes(64) + slack[end:])
     with pytest.raises(CodecError, match="padding"):  # the first byte after the tensor's 24
         decode(data[: end + 24] + b"\x01" + data[end + 25 :])
+    half = bytes(encode(Forward(header=H, activation=torch.randn(8))))  # 32 bytes, 32 of padding
+    with pytest.raises(CodecError, match="padding"):  # the last byte of the message
+        decode(half[:-1] + b"\x01")
 
 
 def test_rejects_oversize_messages_and_version_1_peers(monkeypatch):
@@ -244,12 +249,8 @@ def test_in_process_copy_rejects_what_decoding_rejects():
     assert copy.activation.is_contiguous() and torch.equal(copy.activation, t.T)
 
 
-def test_a_reused_encoding_buffer_never_changes_a_message_decoded_from_it(monkeypatch):
+def test_a_reused_encoding_buffer_never_changes_a_message_decoded_from_it(large_buffers):
     """Large encoding buffers are reused (`allocator.byte_buffer`), but only once nothing views them."""
-    monkeypatch.setattr(allocator, "MMAP_THRESHOLD", 1024)
-    cache = allocator._LargeBuffers(keep=2)
-    cache.enabled = True
-    monkeypatch.setattr(allocator, "_LARGE", cache)
     first = decode(encode(Forward(header=H, activation=torch.zeros(64, 8))))  # views its buffer
     kept = first.activation.clone()
     for _ in range(4):
@@ -259,3 +260,29 @@ def test_a_reused_encoding_buffer_never_changes_a_message_decoded_from_it(monkey
     del first
     again = decode(encode(Forward(header=H, activation=torch.full((64, 8), 2.0))))
     assert again.activation.data_ptr() == address and torch.equal(again.activation, torch.full((64, 8), 2.0))
+
+
+def test_senders_on_several_threads_never_share_an_encoding_buffer(large_buffers):
+    """Pipelined links encode on several threads at once: each decoded message keeps its values."""
+    wrong: list[float] = []
+
+    def sender(thread: int) -> None:
+        for i in range(1500):
+            value = float(thread * 10_000 + i)
+            rows = (64, 96)[i % 2]  # buffers made fresh and buffers cut from larger ones
+            out = decode(encode(Forward(header=H, activation=torch.full((rows, 8), value))))
+            time.sleep(0)  # let the other senders encode before this one looks at its message
+            if not bool((out.activation == value).all()):
+                wrong.append(value)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, to provoke a race
+    try:
+        threads = [threading.Thread(target=sender, args=(v,)) for v in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert not wrong
