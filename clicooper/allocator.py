@@ -14,7 +14,7 @@ chains run with it too).
 
 glibc never keeps blocks above 32 MiB (its largest mmap threshold): each is mapped afresh and
 unmapped on free. For the one such buffer we allocate ourselves, a message's encoding buffer
-(`byte_buffer`), a process that keeps freed memory reuses the last few once nothing refers to them.
+(`byte_buffer`), a process that keeps freed memory reuses the last two once nothing refers to them.
 """
 
 from __future__ import annotations

@@ -332,8 +332,9 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
         raise CodecError(f"{kind}: a string is not valid UTF-8") from None
     if _align(p) != end or any(data[p:end]):
         raise CodecError(f"{kind}: the header is not padded with the fewest zero bytes")
-    hdr = Header(*texts[:3], *values[3:6])
-    if min(values[3:6]) < 0:  # round, step, seq (the check names which)
+    counters = values[3:6]  # round, step, seq
+    hdr = Header(*texts[:3], *counters)
+    if min(counters) < 0:  # the check names which
         _check_header_ints(hdr, kind)
     kwargs: dict[str, Any] = {}
     k, next_text = _FIRST_SCALAR, 3
