@@ -102,3 +102,16 @@ def check_tensor(t: torch.Tensor, *, where: str, dtype: torch.dtype, shape: tupl
         raise ProtocolError(f"{where}: dtype {t.dtype}, expected {dtype}")
     if t.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, t.shape, strict=True)):
         raise ProtocolError(f"{where}: shape {tuple(t.shape)}, expected {shape}")
+
+
+def require_finite(tensors: Iterable[torch.Tensor | None], *, where: str) -> None:
+    """Refuse non-finite gradients before they are stepped on or sent on. A neighbour's gradient (or
+    activation) can be finite, and pass every message check, yet overflow once back-propagated
+    (1e38 times a weight): one optimiser step would then turn the weights, and every checkpoint
+    after, to inf or NaN. One `sum` per tensor is finite iff every element is, unless the sum
+    overflows, which is re-checked element-wise."""
+    present = [t for t in tensors if t is not None and t.numel()]
+    if not present or torch.isfinite(torch.stack([t.sum().float() for t in present])).all():
+        return
+    if not all(bool(torch.isfinite(t).all()) for t in present):
+        raise ProtocolError(f"{where}: not finite; nothing was updated")

@@ -24,7 +24,7 @@ from clicooper.checkpoint import (
     save_state,
 )
 from clicooper.data import DatasetSplits
-from clicooper.parties.base import Party, ProtocolError, check_tensor
+from clicooper.parties.base import Party, ProtocolError, check_tensor, require_finite
 from clicooper.privacy.release_store import RELEASE_FILE, load_release, save_release
 from clicooper.schedule import RoundLr, set_lr
 from clicooper.seeding import epoch_batches
@@ -175,16 +175,18 @@ class DataOwner(Party):
     # -- training ---------------------------------------------------------
     def train_round(self, rnd: int, on_step: StepCallback | None = None) -> float:
         """One epoch through the chain; returns the mean training loss reported by the chain."""
+        # The budget and a saved one-shot release are checked before the round opens, so that an
+        # exhausted budget or a damaged release stops a resume before the verifier logs a nonce.
+        if self.defence is not None:
+            self.defence.begin_round(rnd)
+        one_shot = self.defence is not None and self.defence.one_shot
+        released_all = self._one_shot_release() if one_shot else None
         if self.verifier is not None:  # the verifier issues the round's nonce to every trainer
             self.send(RoundOpen, self.verifier, rnd, 0)
             self._receive(RoundOpened, rnd, 0)
-        if self.defence is not None:
-            self.defence.begin_round(rnd)
         if self.lr_schedule is not None:
             set_lr(self.head_optimizer, self.lr_schedule(rnd))
             set_lr(self.tail_optimizer, self.lr_schedule(rnd))
-        one_shot = self.defence is not None and self.defence.one_shot
-        released_all = self._one_shot_release() if one_shot else None
         batches = epoch_batches(self.seed, rnd, len(self.data.train_x), self.batch_size, poisson=self.poisson)
         if self.tail is None:  # U-shaped: the labels stay here
             self._targets = self._round_targets(batches, rnd)
@@ -253,6 +255,7 @@ class DataOwner(Party):
         if released_all is None and self.head_optimizer is not None:
             self.head_optimizer.zero_grad(set_to_none=True)
             a_rel.backward(from_wire(reply.grad))
+            self._require_finite_head_grads(rnd, step)
             self.head_optimizer.step()
         return reply.loss * len(ids)
 
@@ -289,8 +292,14 @@ class DataOwner(Party):
                 a_rel.backward(from_wire(reply.grad))
             loss_sum += reply.loss * len(a_rel)
         if trains:
+            self._require_finite_head_grads(rnd, step)
             self.head_optimizer.step()
         return loss_sum
+
+    def _require_finite_head_grads(self, rnd: int, step: int) -> None:
+        grads = (p.grad for group in self.head_optimizer.param_groups for p in group["params"])
+        where = f"{self.name}: step {(rnd, step)}: head weight gradients from {self.first}'s gradient"
+        require_finite(grads, where=where)
 
     def _tail_step(self, rnd: int, step: int, y: torch.Tensor) -> None:
         """U-shaped: compute the loss on the returned features and send their gradient back."""
@@ -299,6 +308,9 @@ class DataOwner(Party):
         loss = F.cross_entropy(self.tail(feats), y)
         self.tail_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [feats.grad] + [p.grad for p in self.tail.parameters()]
+        where = f"{self.name}: step {(rnd, step)}: tail gradients on {self.last}'s features"
+        require_finite(grads, where=where)
         self.tail_optimizer.step()
         grad = to_wire(feats.grad, self.wire_dtype, where=f"{self.name}: gradient")
         self.send(Backward, self.last, rnd, step, grad=grad, loss=float(loss.detach()))

@@ -19,7 +19,7 @@ from torch import nn
 
 from clicooper.checkpoint import load_module_optimizer_state, load_state, module_optimizer_state, save_state
 from clicooper.checkpoint import round_prefix as _round_prefix
-from clicooper.parties.base import Party, ProtocolError, check_tensor
+from clicooper.parties.base import Party, ProtocolError, check_tensor, require_finite
 from clicooper.schedule import RoundLr, set_lr
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
@@ -196,6 +196,8 @@ class Trainer(Party):
                 out = self.segment(x)
             self._emit_forward(key, out, train=False)
             return
+        if x.shape[0] == 0:  # the data owner skips empty batches: a loss over none is NaN
+            raise ProtocolError(f"{self.name}: empty training batch from {self.prev} for step {key}")
         self._start_micro(key, msg.micro, msg.micros)
         self._observe(self.prev, "in", key, msg.activation)
         self.segment.train()
@@ -232,7 +234,7 @@ class Trainer(Party):
             self._last_train_step = key
             acc = self._steps[key] = _Accumulating(micros)
             self.round_steps += 1
-        elif micros != acc.micros or micro != acc.forwarded:
+        elif micros != acc.micros or micro != acc.forwarded or micro >= micros:
             raise ProtocolError(
                 f"{self.name}: step {key}: micro-batch {micro} of {micros} "
                 f"after {acc.forwarded} of {acc.micros}"
@@ -254,7 +256,9 @@ class Trainer(Party):
         key = (msg.header.round, msg.header.step, msg.micro)
         check_tensor(msg.labels, where=f"{self.name}: targets", dtype=torch.int64, shape=(None,))
         n_out = self.num_outputs or 0
-        if msg.labels.numel() and (int(msg.labels.min()) < 0 or int(msg.labels.max()) >= n_out):
+        if msg.labels.numel() == 0:
+            raise ProtocolError(f"{self.name}: empty targets for step {key}")
+        if int(msg.labels.min()) < 0 or int(msg.labels.max()) >= n_out:
             raise ProtocolError(f"{self.name}: target labels outside 0..{n_out - 1}")
         if key in self._targets:
             raise ProtocolError(f"{self.name}: duplicate targets for step {key}")
@@ -295,7 +299,12 @@ class Trainer(Party):
         if first and self.hooks is not None:
             self.hooks.add_regulariser_grad(self.segment)
         acc.backwarded += 1
+        cause = f"{self.next}'s gradient" if grad_out is not None else f"the loss on {self.prev}'s output"
+        where = f"{self.name}: step {step}"
+        require_finite([x.grad], where=f"{where}: the gradient for {self.prev}, from {cause}")
         if acc.backwarded == acc.micros:
+            grads = (p.grad for p in self.segment.parameters())
+            require_finite(grads, where=f"{where}: weight gradients from {cause}")
             self.optimizer.step()
             del self._steps[step]
             if self.hooks is not None:
@@ -380,6 +389,7 @@ class Trainer(Party):
 
     def load(self, prefix: Path) -> None:
         tensors, meta = load_state(prefix)
+        _check_meta(prefix, meta)
         if meta["position"] != self.position:
             raise ValueError(f"{prefix}: checkpoint is for position {meta['position']}, not {self.position}")
         load_module_optimizer_state(self.segment, self.optimizer, tensors, meta)
@@ -388,3 +398,22 @@ class Trainer(Party):
         if self.hooks is not None and meta.get("hooks") is not None:
             self.hooks.load_state_dict(meta["hooks"])
         self.load_seq_state(meta.get("seq"))
+
+
+def _check_meta(prefix: Path, meta: dict) -> None:
+    """The types of a checkpoint's bookkeeping (its JSON is not covered by the tensors' SHA-256): a
+    wrong one is refused here, where a resume falls back to an earlier round, not at the next step."""
+
+    def counter(v: object) -> bool:
+        return type(v) is int and v >= -1
+
+    step = meta.get("last_train_step")
+    if not (
+        counter(meta.get("position"))
+        and counter(meta.get("rounds_sealed"))
+        and isinstance(step, list)
+        and len(step) == 2
+        and all(counter(v) for v in step)
+    ):
+        fields = "position, rounds_sealed, last_train_step"
+        raise ValueError(f"{prefix}: checkpoint bookkeeping ({fields}) is malformed")

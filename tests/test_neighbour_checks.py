@@ -1,0 +1,121 @@
+"""A neighbour's messages that decode and type-check but would break a party: micro-batch indices past
+the announced count, empty training batches, and finite gradients that overflow once
+back-propagated. Each is refused with a ProtocolError naming the step, and nothing is updated."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from clicooper.parties.base import ProtocolError
+from clicooper.parties.trainer import Trainer
+from clicooper.transport.inproc import InProcTransport
+from clicooper.transport.messages import Backward, Forward, Header, Targets
+
+JOB = "job"
+_seq = itertools.count(1)
+
+
+def _trainer(*, last: bool = False) -> Trainer:
+    """trainer_2 of three, its neighbours' mailboxes collecting what it sends."""
+    transport = InProcTransport()
+    for party in ("data_owner", "trainer_1", "trainer_3"):
+        transport.register(party, None)
+    torch.manual_seed(0)
+    segment = nn.Sequential(nn.Linear(4, 3))
+    return Trainer(
+        name="trainer_2",
+        position=2,
+        job_id=JOB,
+        transport=transport,
+        segment=segment,
+        optimizer=torch.optim.SGD(segment.parameters(), lr=0.1, momentum=0.9),
+        prev="trainer_1",
+        next=None if last else "trainer_3",
+        data_owner="data_owner",
+        input_shape=(4,),
+        num_outputs=3 if last else None,
+    )
+
+
+def _header(sender: str, step: int = 0) -> Header:
+    return Header(JOB, sender, "trainer_2", 0, step, next(_seq))
+
+
+def _forward(rows: int = 2, *, micro: int = 0, micros: int = 1, step: int = 0) -> Forward:
+    x = torch.randn(rows, 4)
+    return Forward(header=_header("trainer_1", step), activation=x, micro=micro, micros=micros)
+
+
+def _backward(grad: torch.Tensor, *, micro: int = 0, step: int = 0) -> Backward:
+    return Backward(header=_header("trainer_3", step), grad=grad, micro=micro)
+
+
+def _weights(t: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in t.segment.parameters()]
+
+
+def test_a_micro_batch_past_the_announced_count_is_refused_by_a_relaying_trainer():
+    t = _trainer()
+    t.handle(_forward(micro=0, micros=2))
+    t.handle(_forward(micro=1, micros=2))
+    with pytest.raises(ProtocolError, match="micro-batch 2 of 2 after 2 of 2"):
+        t.handle(_forward(micro=2, micros=2))
+
+
+def test_an_overflowing_gradient_is_refused_and_the_weights_are_unchanged():
+    t = _trainer()
+    t.handle(_forward())
+    before = _weights(t)
+    with pytest.raises(ProtocolError, match=r"trainer_2: step \(0, 0\): .*trainer_3's gradient: not finite"):
+        t.handle(_backward(torch.full((2, 3), 1e38)))  # finite, passes the codec; its products overflow
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
+    t.transport.pump()
+    assert not t.transport._inboxes["trainer_1"]  # no gradient was sent upstream
+
+
+def test_an_ordinary_gradient_still_steps():
+    t = _trainer()
+    t.handle(_forward())
+    before = _weights(t)
+    t.handle(_backward(torch.full((2, 3), 0.5)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
+    t.transport.pump()
+    (sent,) = t.transport._inboxes["trainer_1"]
+    assert isinstance(sent, Backward) and torch.isfinite(sent.grad).all()
+
+
+def test_an_empty_training_batch_is_refused_before_it_counts():
+    t = _trainer()
+    with pytest.raises(ProtocolError, match="empty training batch from trainer_1"):
+        t.handle(_forward(rows=0))
+    assert t.round_steps == 0
+
+
+def test_empty_targets_are_refused():
+    t = _trainer(last=True)
+    labels = torch.empty(0, dtype=torch.int64)
+    with pytest.raises(ProtocolError, match="empty targets"):
+        t.handle(Targets(header=Header(JOB, "data_owner", "trainer_2", 0, 0, 1), labels=labels))
+
+
+def test_the_data_owner_refuses_a_first_trainer_gradient_that_overflows_its_head(digits):
+    from clicooper.job import ChainJob
+    from tests.conftest import tiny_config
+
+    job = ChainJob(tiny_config(), digits, None)
+    t1 = job.trainers[0]
+    honest_send = t1.send
+
+    def send(kind, receiver, *args, **fields):
+        if kind is Backward and receiver == "data_owner" and args[1] == 2:  # the third step's gradient
+            fields["grad"] = torch.full_like(fields["grad"], 1e37)
+        return honest_send(kind, receiver, *args, **fields)
+
+    t1.send = send
+    with pytest.raises(ProtocolError, match=r"data_owner: step \(0, 2\): head weight gradients .*not finite"):
+        job.run()
+    assert all(torch.isfinite(p).all() for p in job.data_owner.head.parameters())
