@@ -28,6 +28,7 @@ from clicooper.data import DatasetSplits
 from clicooper.job import ChainJob, RunSummary, new_run_dir, prepare_data, train_centralized
 from clicooper.parties.base import ProtocolError
 from clicooper.privacy.accounting import BudgetExceeded
+from clicooper.privacy.release_store import ReleaseStoreError
 from clicooper.threads import apply_threads
 
 EXIT_USAGE, EXIT_REJECTED, EXIT_NO_MATCH, EXIT_BAD_CERTIFICATE = 2, 3, 4, 5
@@ -189,7 +190,7 @@ def run_chain(cfg: JobConfig, run_dir: Path, *, resume: bool = False) -> RunSumm
                 on_step=lambda i, n: prog.update(task, completed=i, total=n),
                 on_note=lambda text: console.print(f"[yellow]resume:[/] {text}"),
             )
-    except (ConfigError, CheckpointError, ProtocolError, BudgetExceeded) as e:
+    except (ConfigError, CheckpointError, ProtocolError, BudgetExceeded, ReleaseStoreError) as e:
         _fail(f"{e} (run folder kept: {run_dir})")
     summary.extra["verified"] = _print_verdict(run_dir) if cfg.watermark.enabled else None
     return summary

@@ -15,7 +15,9 @@ from clicooper.cli import EXIT_USAGE, app
 from clicooper.config import ResumeError, resume_changes
 from clicooper.job import ChainJob
 from clicooper.parties import verify_run
+from clicooper.parties.verifier import LOG_FILE
 from clicooper.privacy.defence import LEDGER
+from clicooper.privacy.release_store import RELEASE_FILE, ReleaseStoreError
 from tests.conftest import copy_run, tiny_config
 
 DP = {"dp": True, "epsilon": 4.0, "release": "one-shot", "gamma": 2, "secret_seed": 3, "accountant": "rdp"}
@@ -140,8 +142,11 @@ def test_checkpoint_records_and_checks_its_sha256(tmp_path):
         lambda p: p.with_suffix(".json").write_text("{garbage"),
         lambda p: p.with_suffix(".json").write_text(json.dumps({"tensors_sha256": "0" * 64})),
         lambda p: p.with_suffix(".json").write_text("[]"),
+        lambda p: p.with_suffix(".json").write_text(
+            json.dumps({**json.loads(p.with_suffix(".json").read_text()), "last_train_step": "ab"})
+        ),
     ],
-    ids=["flipped-byte", "truncated", "garbage-json", "json-without-fields", "json-list"],
+    ids=["flipped-byte", "truncated", "garbage-json", "json-without-fields", "json-list", "bad-bookkeeping"],
 )
 def test_finding3_damaged_checkpoint_falls_back_to_intact_round(digits, run, damage):
     damage(round_prefix(run / "trainer_2", 1))
@@ -194,3 +199,38 @@ def test_finding3_cli_says_so(tmp_path):
     r = runner.invoke(app, ["run", "--resume", str(run)])
     assert r.exit_code == 0, r.output
     assert "damaged" in r.output and "VERIFIED" in r.output
+
+
+def test_a_resume_that_fails_before_training_leaves_the_verifiers_log_as_it_was(digits, run):
+    """Every checkpoint of trainer 2 damaged: the resume stops, and the finished job still verifies
+    (the longer plan is logged only when a new round opens)."""
+    for rnd in (0, 1):
+        p = round_prefix(run / "trainer_2", rnd).with_suffix(".safetensors")
+        p.write_bytes(p.read_bytes()[:50])
+    log = run / "verifier" / LOG_FILE
+    before = log.read_bytes()
+    with pytest.raises(ResumeError, match="every saved round is damaged"):
+        ChainJob(_cfg(watermark=WM, training={"epochs": 3}), digits, run).run(resume=True)
+    assert log.read_bytes() == before
+    assert verify_run(run)[0].ok
+
+
+def test_a_damaged_saved_release_stops_the_resume_before_the_round_opens(digits, run):
+    release = run / "data_owner" / RELEASE_FILE
+    release.write_bytes(release.read_bytes()[:1000])
+    log = run / "verifier" / LOG_FILE
+    before = log.read_bytes()
+    with pytest.raises(ReleaseStoreError, match="unusable"):
+        ChainJob(_cfg(watermark=WM, training={"epochs": 3}), digits, run).run(resume=True)
+    assert log.read_bytes() == before  # no plan, no nonce for a round that never ran
+
+
+def test_a_damaged_saved_release_is_an_error_line_in_the_cli(tmp_path):
+    (tmp_path / "job.toml").write_text(CLI_TOML.format(root=tmp_path / "runs"))
+    assert runner.invoke(app, ["run", str(tmp_path / "job.toml")]).exit_code == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    (run / "data_owner" / RELEASE_FILE).with_suffix(".json").unlink()
+    longer = tmp_path / "job3.toml"
+    longer.write_text(CLI_TOML.format(root=tmp_path / "runs").replace("epochs = 2", "epochs = 3"))
+    r = runner.invoke(app, ["run", str(longer), "--resume", str(run)])
+    assert r.exit_code == EXIT_USAGE and "error: saved release" in r.output, r.output

@@ -3,6 +3,7 @@ naming the stage and the reason."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -10,11 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from clicooper.job import ChainJob
 from clicooper.parties import verify_run
+from clicooper.parties.base import ProtocolError
 from clicooper.parties.verifier import LOG_FILE
 from clicooper.provenance import Identity, SignedRecord, sign_record, verify_certificate
 from clicooper.provenance.certificate import load_certificate
-from clicooper.provenance.records import segment_digest
+from clicooper.provenance.records import attest_transcript, segment_digest
 from clicooper.provenance.statelog import StateLog, read_log
+from clicooper.transport.messages import RoundOpen, RoundOpened
 from tests.conftest import tiny_config
 
 WM = {"enabled": True, "n_bits": 64}
@@ -167,3 +170,53 @@ def test_watermarked_chain_still_learns(digits):
     gave 0.72-0.91, one full-suite run 0.435."""
     wm = ChainJob(tiny_config(training={"epochs": 4}, watermark=WM), digits, None).run()
     assert wm.test_accuracy > 0.3
+
+
+def _with_bogus_attestation(job, *, sign_as_position: int = 2):
+    """trainer_1's seal also carries an attestation for the link 2 -> 3, under trainer_1's own key."""
+    hooks = job.trainers[0].hooks
+    seal = hooks.seal
+
+    def seal_with_bogus(segment, rnd, steps, samples):
+        record, atts = seal(segment, rnd, steps, samples)
+        bogus = attest_transcript(hooks.identity, job.job_id, rnd, sign_as_position, 3, "00" * 32)
+        return record, json.dumps([*json.loads(atts), bogus.model_dump(mode="json")])
+
+    hooks.seal = seal_with_bogus
+
+
+def test_an_attestation_in_a_neighbours_name_is_refused_at_receipt(digits, tmp_path):
+    job = ChainJob(tiny_config(watermark=WM, training={"epochs": 1}), digits, tmp_path / "run")
+    _with_bogus_attestation(job)
+    with pytest.raises(ProtocolError, match=r"trainer_1 \(position 1\) sent an attestation it cannot make"):
+        job.run()
+    assert not job.verifier.attestations  # nothing of it was logged
+
+
+def test_a_logged_attestation_in_a_neighbours_name_is_blamed_on_its_signer(run):
+    """A verifier that had logged one (an older release did) blames trainer_1, who signed it, not
+    position 2, whose name it used."""
+    entries = read_log(run / "verifier" / LOG_FILE)
+    first = next(e for e in entries if e["type"] == "record")
+    ident = Identity.load(run / "trainer_1" / "identity.pem")
+    bogus = attest_transcript(ident, first["body"]["attestations"][0]["job_id"], 0, 2, 3, "00" * 32)
+    first["body"]["attestations"].append(bogus.model_dump(mode="json"))
+    log = StateLog(Identity.load(run / "verifier" / "identity.pem"))
+    for e in entries:
+        log.append(e["type"], e["body"])
+    log.save(run / "verifier" / LOG_FILE)
+    failures = _failures(run)
+    assert "position 1, round 0" in failures and "signed by a trainer not registered there" in failures
+    assert "position 2, round" not in failures, failures
+
+
+def test_a_refused_round_open_logs_no_nonce(digits, tmp_path):
+    job = ChainJob(tiny_config(watermark=WM), digits, tmp_path / "run")
+    owner, verifier = job.data_owner, job.verifier
+    owner.send(RoundOpen, "verifier", 0, 0)
+    owner._receive(RoundOpened, 0, 0)
+    logged = len(verifier.log.entries)
+    owner.send(RoundOpen, "verifier", 1, 0)  # before any round-0 record
+    with pytest.raises(ProtocolError, match="has no record yet"):
+        job.transport.pump()
+    assert sorted(verifier.nonces) == [0] and len(verifier.log.entries) == logged

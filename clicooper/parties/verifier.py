@@ -42,7 +42,7 @@ from clicooper.provenance import (
     save_certificate,
     verify_chain,
 )
-from clicooper.provenance.records import prev_link_slots, verify_record
+from clicooper.provenance.records import prev_link_slots, verify_attestation, verify_record
 from clicooper.provenance.statelog import LogError, StateLog, check_nonce, read_log, signed_nonce
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
@@ -88,6 +88,7 @@ class Verifier(Party):
         self.records: dict[tuple[int, int], SignedRecord] = {}
         self.attestations: list[TranscriptAttestation] = []
         self.rounds = rounds
+        self._new_plan: int | None = None  # a resumed job's new number of rounds, not yet logged
         self._allowed = {
             Register: tuple(trainers),
             RoundOpen: (data_owner,),
@@ -107,9 +108,9 @@ class Verifier(Party):
         if log_path is not None and log_path.exists():  # a resumed job: continue the signed log
             self.log = StateLog(identity, read_log(log_path, identity.public_key_bytes()))
             self._replay()
-            if rounds and rounds != self.rounds:
-                self.log.append("plan", {"rounds": rounds})
-                self.rounds = rounds
+            # A changed plan (more epochs) is logged when the next round opens, not here: a resume
+            # that fails before training (a damaged checkpoint elsewhere) must leave the log as it was.
+            self._new_plan = rounds if rounds and rounds != self.rounds else None
         else:
             self.log = StateLog(identity)
             self.log.append(
@@ -185,20 +186,23 @@ class Verifier(Party):
             raise ProtocolError(
                 f"{self.name}: round {rnd} cannot be opened now (open: {sorted(self.nonces)})"
             )
-        body = signed_nonce(self.identity, self.job_id, rnd)
-        self.nonces[rnd] = bytes.fromhex(body["nonce"])
-        if rnd + 1 > self.rounds:
-            self.rounds = rnd + 1
-            self.log.append("plan", {"rounds": self.rounds})
-        self.log.append("nonce", body)
+        links: dict[str, list[str]] = {}  # every trainer's links first: a refused round logs nothing
         for t in self.trainers:
-            pos = self.position_of[t]
-            links = []
-            for slot in prev_link_slots(pos, rnd):
+            links[t] = []
+            for slot in prev_link_slots(self.position_of[t], rnd):
                 if slot not in self.records:
                     raise ProtocolError(f"{self.name}: stage {slot} (position, round) has no record yet")
-                links.append(self.records[slot].digest)
-            self.send(Nonce, t, rnd, 0, nonce=self.nonces[rnd].hex(), links=json.dumps(links))
+                links[t].append(self.records[slot].digest)
+        rounds = max(rnd + 1, self._new_plan or self.rounds)
+        if rounds != self.rounds:
+            self.rounds = rounds
+            self.log.append("plan", {"rounds": self.rounds})
+        self._new_plan = None
+        body = signed_nonce(self.identity, self.job_id, rnd)
+        self.nonces[rnd] = bytes.fromhex(body["nonce"])
+        self.log.append("nonce", body)
+        for t in self.trainers:
+            self.send(Nonce, t, rnd, 0, nonce=self.nonces[rnd].hex(), links=json.dumps(links[t]))
         self.send(RoundOpened, msg.header.sender, rnd, 0)
 
     def _on_stage_sealed(self, msg: StageSealed) -> None:
@@ -222,11 +226,37 @@ class Verifier(Party):
             raise ProtocolError(
                 f"{self.name}: the stage record from {sender} is not signed by {sender}'s registered key"
             )
+        self._check_attestations(sender, rnd, reg, atts)
         self.records[slot] = signed
         self.attestations.extend(atts)
         self.log.append(
             "record", {"record": signed.to_json(), "attestations": [a.model_dump(mode="json") for a in atts]}
         )
+
+    def _check_attestations(
+        self, sender: str, rnd: int, reg: RegisteredTrainer, atts: list[TranscriptAttestation]
+    ) -> None:
+        """A trainer vouches only for its own links, this round, once per neighbour, under its own key:
+        anything else in its StageSealed (an attestation in a neighbour's name, for a later round)
+        would be logged and later count against the position it names."""
+        pos = self.position_of[sender]
+        neighbours = {p for p in (pos - 1, pos + 1) if 1 <= p <= len(self.trainers)}
+        targets = [a.to_position for a in atts]
+        for a in atts:
+            if (
+                a.job_id != self.job_id
+                or a.round != rnd
+                or a.from_position != pos
+                or a.to_position not in neighbours
+                or a.signer != reg.fingerprint
+                or not verify_attestation(a, reg.identity.public_key)
+            ):
+                raise ProtocolError(
+                    f"{self.name}: {sender} (position {pos}) sent an attestation it cannot make: round "
+                    f"{a.round}, position {a.from_position} -> {a.to_position}, or not under its key"
+                )
+        if len(set(targets)) != len(targets):
+            raise ProtocolError(f"{self.name}: {sender} attested a link twice in round {rnd}")
 
     def _on_final_segment(self, msg: FinalSegment) -> None:
         """Keep a trainer's delivered segment if it is the one its signed record for that round names."""

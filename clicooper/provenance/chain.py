@@ -269,8 +269,9 @@ def _check_attestations(
             why = "attestation is not about a neighbouring link of this job"
         elif not verify_attestation(att, reg.identity.public_key):
             why = "invalid attestation signature"
-        if why is not None:
-            out.append(Finding(position=att.from_position, round=att.round, ok=False, reason=why))
+        if why is not None:  # blamed on the signer where it is registered, not on the position it names
+            signer = next((p for p, r in by_pos.items() if r.fingerprint == att.signer), att.from_position)
+            out.append(Finding(position=signer, round=att.round, ok=False, reason=why))
         else:
             valid[(att.round, att.from_position, att.to_position)].add(att.digest)
     for r in range(n_rounds):
