@@ -32,6 +32,7 @@ from clicooper.privacy.release_store import ReleaseStoreError
 from clicooper.threads import apply_threads
 
 EXIT_USAGE, EXIT_REJECTED, EXIT_NO_MATCH, EXIT_BAD_CERTIFICATE = 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # the shell's code for a program stopped by SIGINT: not a finished job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(bench_app, name="bench")
@@ -358,8 +359,8 @@ def _run_data_owner(
         _fail(str(e))
     except (TransportError, ProtocolError, CheckpointError, BudgetExceeded) as e:
         _fail(f"the job stopped: {e} (state kept in {run_dir})")
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    except KeyboardInterrupt:  # SIGTERM or SIGINT: the job is unfinished (resume it with --resume)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     _print_summary(summary, f"CliCooper run (data owner): {manifest}")
 
 

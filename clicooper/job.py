@@ -70,7 +70,7 @@ from clicooper.transport.precision import WIRE_DTYPES
 EpochCallback = Callable[[dict], None]
 StepCallback = Callable[[int, int], None]
 NoteCallback = Callable[[str], None]
-PINNED_CONFIG = "job_config.json"  # in the data owner's folder: the configuration the run started with
+PINNED_CONFIG = "job_config.json"  # in the data owner's folder: the configuration of the last (re)start
 RESUME_LOG = "resume_log.jsonl"
 
 
@@ -465,20 +465,26 @@ class ChainJob:
 
     def _pin_config(self) -> list[dict]:
         """Record the configuration a run starts with; a later job on the same folder (a resume) may
-        change only what `resume_changes` allows, else ResumeError names the field."""
+        change only what `resume_changes` allows, else ResumeError names the field. A resume that
+        goes ahead re-pins its own configuration (`_repin_config`): the fields it may change are
+        compared with the last run's, so epochs raised once cannot be lowered again."""
         if self.run_dir is None:
             return []
         path = self.run_dir / "data_owner" / PINNED_CONFIG
         if not path.exists():
-            atomic_write_bytes(path, self.cfg.model_dump_json(indent=2).encode(), mode=0o600)
+            self._repin_config()
             return []
         try:
             started = JobConfig.model_validate_json(path.read_bytes())
         except (OSError, ValueError) as e:
             raise ResumeError(
-                f"{path} (the configuration this run started with) is unreadable: {e}"
+                f"{path} (the configuration this run was last started with) is unreadable: {e}"
             ) from None
         return resume_changes(started, self.cfg)
+
+    def _repin_config(self) -> None:
+        path = self.run_dir / "data_owner" / PINNED_CONFIG
+        atomic_write_bytes(path, self.cfg.model_dump_json(indent=2).encode(), mode=0o600)
 
     def compute(self, head_pretrain_epochs: int | None = None) -> list[PartyCompute]:
         """Each party's parameters and share of the run's training multiply-adds (see models/cost.py).
@@ -542,6 +548,12 @@ class ChainJob:
         else:
             if common:
                 raise ResumeError(f"no intact checkpoint in {self.run_dir}: every saved round is damaged")
+        if start > self.cfg.training.epochs:  # a run folder pinned before epochs were re-pinned
+            raise ResumeError(
+                f"cannot resume with training.epochs = {self.cfg.training.epochs}: {start} rounds "
+                "are already trained and planned with the verifier; rounds may only be added to"
+            )
+        self._repin_config()
         if self.verifier is not None:
             self.verifier.truncate(start)
         self.rewind_remote(start)

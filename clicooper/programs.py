@@ -220,11 +220,14 @@ def _announce_restart(party, transport) -> None:
 
 
 def _final_verdict(verifier, run_dir: Path, stdout: TextIO | None) -> None:
-    """If every planned round has its nonce, check the job from the verifier's own folder and issue
-    the certificate (verify_run reads `run_dir/verifier` only)."""
+    """If every planned round was opened and every trainer's record of it received, check the job
+    from the verifier's own folder and issue the certificate (verify_run reads `run_dir/verifier`
+    only). A job stopped during a round is unfinished, not rejected: a resume can complete it."""
     from clicooper.parties.verifier import verify_run
 
-    if sorted(verifier.nonces) != list(range(verifier.rounds)) or verifier.rounds == 0:
+    rounds = range(verifier.rounds)
+    recorded = all((p, r) in verifier.records for p in verifier.position_of.values() for r in rounds)
+    if sorted(verifier.nonces) != list(rounds) or verifier.rounds == 0 or not recorded:
         log.info(
             "verifier: the job is unfinished (rounds %s of %d); no verdict yet",
             sorted(verifier.nonces),

@@ -371,3 +371,21 @@ def test_property_config_file_any_bytes(tmp_path_factory, data):
 def test_finding4_eval_with_unknown_dataset_is_a_clean_error():
     r = runner.invoke(app, ["eval", "utility", "--quick", "--dataset", "no-such-data"])
     assert r.exit_code == EXIT_USAGE and r.output.startswith("error:") and "no-such-data" in r.output
+
+
+def test_a_data_owner_stopped_by_a_signal_exits_nonzero(tmp_path, monkeypatch):
+    """SIGTERM or SIGINT (a KeyboardInterrupt in the program) leaves the job unfinished: a script or
+    supervisor must not read it as done."""
+    import clicooper.programs
+    from clicooper.cli import EXIT_INTERRUPTED
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clicooper.programs, "run_data_owner", stopped)
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "data_owner").mkdir()
+    args = ["run", str(tmp_path / "manifest.json"), "--identity", str(tmp_path / "data_owner")]
+    args += ["--run-dir", str(tmp_path / "run")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == EXIT_INTERRUPTED, r.output

@@ -234,3 +234,15 @@ def test_a_damaged_saved_release_is_an_error_line_in_the_cli(tmp_path):
     longer.write_text(CLI_TOML.format(root=tmp_path / "runs").replace("epochs = 2", "epochs = 3"))
     r = runner.invoke(app, ["run", str(longer), "--resume", str(run)])
     assert r.exit_code == EXIT_USAGE and "error: saved release" in r.output, r.output
+
+
+def test_epochs_raised_by_one_resume_cannot_be_lowered_by_the_next(digits, run):
+    ChainJob(_cfg(watermark=WM, training={"epochs": 3}), digits, run).run(resume=True)
+    log = (run / "verifier" / LOG_FILE).read_bytes()
+    with pytest.raises(ResumeError, match=r"training\.epochs lowered \(3 -> 2\)"):
+        ChainJob(_cfg(watermark=WM), digits, run)
+    (run / "data_owner" / "job_config.json").unlink()  # a folder without the pin: the rounds say so
+    with pytest.raises(ResumeError, match="3 rounds are already trained"):
+        ChainJob(_cfg(watermark=WM), digits, run).run(resume=True)
+    assert (run / "verifier" / LOG_FILE).read_bytes() == log
+    assert verify_run(run)[0].ok

@@ -3,6 +3,7 @@ naming the stage and the reason."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -220,3 +221,27 @@ def test_a_refused_round_open_logs_no_nonce(digits, tmp_path):
     with pytest.raises(ProtocolError, match="has no record yet"):
         job.transport.pump()
     assert sorted(verifier.nonces) == [0] and len(verifier.log.entries) == logged
+
+
+def test_a_job_stopped_during_its_last_round_gets_no_verdict(digits, tmp_path):
+    """A verifier program stopped mid-round says the job is unfinished (a resume can complete
+    it), not REJECTED; a finished job still gets its verdict."""
+    from clicooper.programs import _final_verdict
+
+    d = tmp_path / "stopped"
+    job = ChainJob(tiny_config(watermark=WM, training={"epochs": 1}), digits, d)
+    job.data_owner.send(RoundOpen, "verifier", 0, 0)
+    job.data_owner._receive(RoundOpened, 0, 0)  # the last (only) round opened; stopped before its records
+    out = io.StringIO()
+    _final_verdict(job.verifier, d, out)
+    assert "VERDICT" not in out.getvalue() and not (d / "verifier" / "verdict.json").exists()
+
+
+def test_a_finished_job_gets_its_verdict_from_the_verifier_program(digits, tmp_path):
+    from clicooper.programs import _final_verdict
+
+    job = ChainJob(tiny_config(watermark=WM, training={"epochs": 1}), digits, tmp_path / "done")
+    job.run()
+    out = io.StringIO()
+    _final_verdict(job.verifier, tmp_path / "done", out)
+    assert "VERDICT VERIFIED" in out.getvalue()
