@@ -622,8 +622,12 @@ def verify_job(
     """Verify every stage of a job (signed log, signatures, links, nonces, weights, transcripts,
     watermarks). Exit 0 VERIFIED, 3 REJECTED, 2 error."""
     key = _public_key_file(verifier_key) if verifier_key is not None else None
+    from clicooper.parties.verifier import LOG_FILE
+
     if not (run_dir / "verifier").is_dir():
         _fail(f"{run_dir} has no verifier folder: not a run folder, or watermarking was off")
+    if not (run_dir / "verifier" / LOG_FILE).exists():  # nothing is written into, say, a keys folder
+        _fail(f"{run_dir} has no verifier/{LOG_FILE}: not a run folder (a keys folder?), or no job ran")
     try:
         ok = _print_verdict(run_dir, key)
     except (FileNotFoundError, OSError, ValueError) as e:

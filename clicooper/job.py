@@ -581,6 +581,8 @@ class ChainJob:
     ) -> RunSummary:
         start_round = self.resume(on_note) if resume else 0
         metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
+        if metrics_path is not None and start_round > 0:
+            self._complete_metrics(metrics_path, start_round)
         epoch_times: list[float] = []
         t0 = time.perf_counter()
         acc = float("nan")
@@ -603,6 +605,22 @@ class ChainJob:
         if start_round >= self.cfg.training.epochs:
             acc = self.data_owner.evaluate("test", tag="final")
         return self._summary(acc, time.perf_counter() - t0, epoch_times)
+
+    def _complete_metrics(self, path: Path, epoch: int) -> None:
+        """A run stopped between saving a round and writing its metrics line (during the test
+        evaluation) resumes after that round: evaluate the restored model and write the line, so the
+        epoch is not missing for good. Its loss and time were not kept."""
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            rows = []
+        if any(isinstance(r, dict) and r.get("epoch") == epoch for r in rows):
+            return
+        acc = self.data_owner.evaluate("test", tag=epoch - 1)
+        row = {"epoch": epoch, "train_loss": None, "test_accuracy": acc, "epoch_time_s": None}
+        row.update(self._privacy_row(), written_on_resume=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _privacy_row(self) -> dict:
         d = self.defence

@@ -246,3 +246,16 @@ def test_epochs_raised_by_one_resume_cannot_be_lowered_by_the_next(digits, run):
         ChainJob(_cfg(watermark=WM), digits, run).run(resume=True)
     assert (run / "verifier" / LOG_FILE).read_bytes() == log
     assert verify_run(run)[0].ok
+
+
+def test_a_metrics_line_lost_with_the_process_is_written_on_resume(digits, run):
+    """Stopped after saving round 2 but before writing its metrics line (during the evaluation):
+    the resume evaluates the restored model and writes the line, then trains on."""
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n")
+    ChainJob(_cfg(watermark=WM, training={"epochs": 3}), digits, run).run(resume=True)
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[1]["written_on_resume"] and rows[1]["test_accuracy"] == json.loads(lines[1])["test_accuracy"]
+    assert "written_on_resume" not in rows[2]

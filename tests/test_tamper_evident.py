@@ -178,3 +178,12 @@ def test_finding6_verify_ownership_exit_codes(run, tmp_path):
     (run / "verifier" / LOG_FILE).write_text("garbage\n")
     r = runner.invoke(app, ["verify", "ownership", str(seg), "--run", str(run)])
     assert r.exit_code == EXIT_USAGE and "does not verify" in r.output
+
+
+def test_verify_job_on_a_keys_folder_is_an_error_and_writes_nothing(tmp_path):
+    keys = tmp_path / "keys"
+    (keys / "verifier").mkdir(parents=True)
+    Identity.generate("verifier").save(keys / "verifier" / "identity.pem")
+    r = runner.invoke(app, ["verify", "job", str(keys)])
+    assert r.exit_code == EXIT_USAGE and "not a run folder" in r.output, r.output
+    assert sorted(p.name for p in (keys / "verifier").iterdir()) == ["identity.pem"]
