@@ -109,6 +109,7 @@ def test_cli_writes_json(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "codec.json").read_text())
     assert doc["benchmark"] == "codec" and len(doc["sizes"]) == 2
+    assert all(row["read_s"] > 0 for row in doc["sizes"])  # the floor's read is timed at every size
 
 
 def test_pipeline_model_uses_the_bubble_fraction():
