@@ -59,6 +59,7 @@ class _Child:
     proc: subprocess.Popen
     args: list[str] = field(default_factory=list)
     lines: queue.Queue = field(default_factory=queue.Queue)
+    log: Path | None = None  # its stderr: where a failure to start is explained
 
     def expect(self, word: str, timeout: float) -> str:
         """The rest of the next stdout line starting with `word`."""
@@ -68,11 +69,16 @@ class _Child:
             try:
                 line = self.lines.get(timeout=max(left, 0.01))
             except queue.Empty:
-                raise LaunchError(f"{self.name} did not print {word} within {timeout:g}s") from None
+                late = f"{self.name} did not print {word} within {timeout:g}s{self._see()}"
+                raise LaunchError(late) from None
             if line is None:
-                raise LaunchError(f"{self.name} exited (code {self.proc.wait()}) before printing {word}")
+                code = self.proc.wait()
+                raise LaunchError(f"{self.name} exited (code {code}) before printing {word}{self._see()}")
             if line.startswith(word):
                 return line[len(word) :].strip()
+
+    def _see(self) -> str:
+        return f" (see {self.log})" if self.log is not None else ""
 
 
 def _drain(child: _Child, log_file) -> None:
@@ -99,7 +105,7 @@ def _start(name: str, args: list[str], logs: Path) -> _Child:
         text=True,
         env=env,
     )
-    child = _Child(name, proc, list(args))
+    child = _Child(name, proc, list(args), log=logs / f"{name}.log")
     threading.Thread(target=_drain, args=(child, log_file), daemon=True, name=f"log-{name}").start()
     pids = logs.parent / "pids.json"
     known = _read_json(pids) or {}

@@ -75,7 +75,8 @@ def test_a_restarted_server_that_never_gets_ready_fails_the_launch(tmp_path, mon
     ends the launch with a clear error."""
     owner, servers, children, book, logs = _job(tmp_path, monkeypatch, "die-later hang")
     try:
-        with pytest.raises(launch.LaunchError, match="trainer_2 did not print READY within 2s"):
+        late = r"trainer_2 did not print READY within 2s \(see .*trainer_2\.log\)"  # the log explains it
+        with pytest.raises(launch.LaunchError, match=late):
             launch._supervise(owner, servers, children, book, logs, 2, 60, max_restarts=3)
     finally:
         launch._stop(children, 10)
