@@ -357,7 +357,7 @@ def _run_data_owner(
         )
     except (ProgramError, ConfigError) as e:
         _fail(str(e))
-    except (TransportError, ProtocolError, CheckpointError, BudgetExceeded) as e:
+    except (TransportError, ProtocolError, CheckpointError, BudgetExceeded, ReleaseStoreError) as e:
         _fail(f"the job stopped: {e} (state kept in {run_dir})")
     except KeyboardInterrupt:  # SIGTERM or SIGINT: the job is unfinished (resume it with --resume)
         raise typer.Exit(EXIT_INTERRUPTED) from None

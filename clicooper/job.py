@@ -462,12 +462,16 @@ class ChainJob:
         )
         for t in self.trainers:
             t.register_with_verifier()
+        if self.run_dir is not None:  # a resume's new epoch count is pinned once the verifier has it
+            self.data_owner.on_round_opened = lambda rnd: self._repin_config()
 
     def _pin_config(self) -> list[dict]:
         """Record the configuration a run starts with; a later job on the same folder (a resume) may
-        change only what `resume_changes` allows, else ResumeError names the field. A resume that
-        goes ahead re-pins its own configuration (`_repin_config`): the fields it may change are
-        compared with the last run's, so epochs raised once cannot be lowered again."""
+        change only what `resume_changes` allows, else ResumeError names the field. Each round that
+        opens re-pins the configuration it runs under (`_repin_config`): the fields a resume may
+        change are compared with the last opened round's, so epochs raised once (and planned with
+        the verifier) cannot be lowered again, while a resume that fails before any round opens
+        leaves the pin as it was."""
         if self.run_dir is None:
             return []
         path = self.run_dir / "data_owner" / PINNED_CONFIG
@@ -553,7 +557,6 @@ class ChainJob:
                 f"cannot resume with training.epochs = {self.cfg.training.epochs}: {start} rounds "
                 "are already trained and planned with the verifier; rounds may only be added to"
             )
-        self._repin_config()
         if self.verifier is not None:
             self.verifier.truncate(start)
         self.rewind_remote(start)
@@ -611,16 +614,21 @@ class ChainJob:
         evaluation) resumes after that round: evaluate the restored model and write the line, so the
         epoch is not missing for good. Its loss and time were not kept."""
         try:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError):
-            rows = []
-        if any(isinstance(r, dict) and r.get("epoch") == epoch for r in rows):
-            return
+            text = path.read_text()
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut off when the process was killed
+                continue
+            if isinstance(row, dict) and row.get("epoch") == epoch:
+                return
         acc = self.data_owner.evaluate("test", tag=epoch - 1)
         row = {"epoch": epoch, "train_loss": None, "test_accuracy": acc, "epoch_time_s": None}
         row.update(self._privacy_row(), written_on_resume=True)
         with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(("\n" if text and not text.endswith("\n") else "") + json.dumps(row) + "\n")
 
     def _privacy_row(self) -> dict:
         d = self.defence

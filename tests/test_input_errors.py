@@ -137,7 +137,8 @@ def test_finding4_run_config_with_resume_uses_the_config(tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "more.toml"), "--resume", str(run)])
     assert r.exit_code == 0 and "training.epochs changed from 1 to 2" in r.output, r.output
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
-    (tmp_path / "lr.toml").write_text(_toml(_with(training={"lr": 0.5}, job={"run_root": str(root)})))
+    lr = _with(training={"epochs": 2, "lr": 0.5}, job={"run_root": str(root)})  # epochs as last resumed
+    (tmp_path / "lr.toml").write_text(_toml(lr))
     r = runner.invoke(app, ["run", str(tmp_path / "lr.toml"), "--resume", str(run)])
     assert r.exit_code == EXIT_USAGE and "training.lr" in r.output
 

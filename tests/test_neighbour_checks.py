@@ -45,8 +45,8 @@ def _header(sender: str, step: int = 0) -> Header:
     return Header(JOB, sender, "trainer_2", 0, step, next(_seq))
 
 
-def _forward(rows: int = 2, *, micro: int = 0, micros: int = 1, step: int = 0) -> Forward:
-    x = torch.randn(rows, 4)
+def _forward(rows: int = 2, *, micro: int = 0, micros: int = 1, step: int = 0, value: float = 1.0) -> Forward:
+    x = torch.full((rows, 4), value)
     return Forward(header=_header("trainer_1", step), activation=x, micro=micro, micros=micros)
 
 
@@ -68,13 +68,26 @@ def test_a_micro_batch_past_the_announced_count_is_refused_by_a_relaying_trainer
 
 def test_an_overflowing_gradient_is_refused_and_the_weights_are_unchanged():
     t = _trainer()
-    t.handle(_forward())
+    t.handle(_forward(value=2.0))
     before = _weights(t)
-    with pytest.raises(ProtocolError, match=r"trainer_2: step \(0, 0\): .*trainer_3's gradient: not finite"):
-        t.handle(_backward(torch.full((2, 3), 1e38)))  # finite, passes the codec; its products overflow
+    # finite, so it passes the codec; the weight gradient sums 2 rows of 2 x 1e38 and overflows
+    with pytest.raises(ProtocolError, match=r"trainer_2: step \(0, 0\): weight gradients from trainer_3's"):
+        t.handle(_backward(torch.full((2, 3), 1e38)))
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
     t.transport.pump()
     assert not t.transport._inboxes["trainer_1"]  # no gradient was sent upstream
+
+
+def test_a_gradient_that_overflows_only_on_its_way_upstream_is_refused():
+    t = _trainer()
+    with torch.no_grad():
+        t.segment[0].weight.fill_(2.0)  # the gradient for trainer_1 sums 3 outputs x 2 x 1e38: inf
+    t.handle(_forward(value=1e-3))  # the weight gradients stay finite (2 x 1e38 x 1e-3)
+    before = _weights(t)
+    upstream = "the gradient for trainer_1, from trainer_3's gradient: not finite"
+    with pytest.raises(ProtocolError, match=upstream):
+        t.handle(_backward(torch.full((2, 3), 1e38)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
 
 
 def test_an_ordinary_gradient_still_steps():

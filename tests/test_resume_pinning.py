@@ -253,9 +253,37 @@ def test_a_metrics_line_lost_with_the_process_is_written_on_resume(digits, run):
     the resume evaluates the restored model and writes the line, then trains on."""
     metrics = run / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
-    metrics.write_text(lines[0] + "\n")
+    metrics.write_text(lines[0] + "\n" + lines[1][:20])  # cut off while being written
     ChainJob(_cfg(watermark=WM, training={"epochs": 3}), digits, run).run(resume=True)
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    text = metrics.read_text().splitlines()
+    assert text[1] == lines[1][:20]  # kept as it was, the new line after it
+    rows = [json.loads(x) for x in text[:1] + text[2:]]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[1]["written_on_resume"] and rows[1]["test_accuracy"] == json.loads(lines[1])["test_accuracy"]
     assert "written_on_resume" not in rows[2]
+
+
+def test_a_round_that_fails_to_open_costs_no_budget_and_pins_nothing(digits, tmp_path):
+    """Per-step DP: a resume to 3 epochs whose round cannot open (the verifier unreachable) counts
+    no release and leaves the pinned epochs as they were; the next resume trains and verifies."""
+    from clicooper.parties.base import ProtocolError
+
+    per_step = {"dp": True, "noise_multiplier": 5.0, "release": "per-step", "accountant": "rdp"}
+    run = tmp_path / "run"
+    ChainJob(tiny_config(privacy=per_step, watermark=WM), digits, run).run()
+    ledger = run / "data_owner" / LEDGER
+    releases = json.loads(ledger.read_text())["releases"]
+    longer = tiny_config(privacy=per_step, watermark=WM, training={"epochs": 3})
+    job = ChainJob(longer, digits, run)
+
+    def unreachable(msg):
+        raise ProtocolError("verifier unreachable (simulated)")
+
+    job.verifier._on_round_open = unreachable
+    with pytest.raises(ProtocolError, match="unreachable"):
+        job.run(resume=True)
+    assert json.loads(ledger.read_text())["releases"] == releases
+    ChainJob(tiny_config(privacy=per_step, watermark=WM), digits, run)  # 2 epochs: still the pin
+    ChainJob(longer, digits, run).run(resume=True)
+    assert json.loads(ledger.read_text())["releases"] == releases * 3 // 2
+    assert verify_run(run)[0].ok

@@ -194,21 +194,37 @@ def test_an_attestation_in_a_neighbours_name_is_refused_at_receipt(digits, tmp_p
     assert not job.verifier.attestations  # nothing of it was logged
 
 
-def test_a_logged_attestation_in_a_neighbours_name_is_blamed_on_its_signer(run):
-    """A verifier that had logged one (an older release did) blames trainer_1, who signed it, not
-    position 2, whose name it used."""
+def _log_with_attestation(run, att: dict) -> str:
+    """Re-sign the run's log with `att` among round 0's first record's attestations (what a verifier
+    of an older release, which did not check them at receipt, could hold); the verdict's failures."""
     entries = read_log(run / "verifier" / LOG_FILE)
-    first = next(e for e in entries if e["type"] == "record")
-    ident = Identity.load(run / "trainer_1" / "identity.pem")
-    bogus = attest_transcript(ident, first["body"]["attestations"][0]["job_id"], 0, 2, 3, "00" * 32)
-    first["body"]["attestations"].append(bogus.model_dump(mode="json"))
+    next(e for e in entries if e["type"] == "record")["body"]["attestations"].append(att)
     log = StateLog(Identity.load(run / "verifier" / "identity.pem"))
     for e in entries:
         log.append(e["type"], e["body"])
     log.save(run / "verifier" / LOG_FILE)
-    failures = _failures(run)
+    return _failures(run)
+
+
+def test_a_logged_attestation_in_a_neighbours_name_is_blamed_on_its_signer(run):
+    """trainer_1 signed it, for this job, in position 2's name: trainer_1 is blamed, not position 2."""
+    job_id = read_log(run / "verifier" / LOG_FILE)[0]["body"]["job_id"]
+    ident = Identity.load(run / "trainer_1" / "identity.pem")
+    bogus = attest_transcript(ident, job_id, 0, 2, 3, "00" * 32).model_dump(mode="json")
+    failures = _log_with_attestation(run, bogus)
     assert "position 1, round 0" in failures and "signed by a trainer not registered there" in failures
     assert "position 2, round" not in failures, failures
+
+
+def test_an_attestation_not_provably_signed_is_not_blamed_on_the_trainer_it_names_as_signer(run):
+    """The same claim with a spoiled signature could have been made by anyone: trainer_1, named as
+    its signer, is not blamed for it."""
+    job_id = read_log(run / "verifier" / LOG_FILE)[0]["body"]["job_id"]
+    ident = Identity.load(run / "trainer_1" / "identity.pem")
+    bogus = attest_transcript(ident, job_id, 0, 2, 3, "00" * 32).model_dump(mode="json")
+    bogus["signature"] = "00" * 64
+    failures = _log_with_attestation(run, bogus)
+    assert "position 1, round" not in failures, failures
 
 
 def test_a_refused_round_open_logs_no_nonce(digits, tmp_path):

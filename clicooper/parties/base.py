@@ -114,4 +114,4 @@ def require_finite(tensors: Iterable[torch.Tensor | None], *, where: str) -> Non
     if not present or torch.isfinite(torch.stack([t.sum().float() for t in present])).all():
         return
     if not all(bool(torch.isfinite(t).all()) for t in present):
-        raise ProtocolError(f"{where}: not finite; nothing was updated")
+        raise ProtocolError(f"{where}: not finite; no optimiser step was taken here")

@@ -49,6 +49,7 @@ class DataOwnerDefence(Protocol):
 
     one_shot: bool
 
+    def check_round(self, rnd: int) -> None: ...
     def begin_round(self, rnd: int) -> None: ...
     def release(self, a: torch.Tensor, *, train: bool) -> torch.Tensor: ...
     def record_one_shot_release(self) -> None: ...
@@ -105,6 +106,8 @@ class DataOwner(Party):
         self.last_round_steps = 0
         self._released: torch.Tensor | None = None  # one-shot release cache
         self._targets = torch.empty(0, dtype=torch.int64)  # this round's targets by sample id
+        # called once a round has opened (the verifier has logged its plan and nonce), before training
+        self.on_round_opened: Callable[[int], None] | None = None
         with torch.no_grad():
             self.activation_shape = tuple(head.eval()(data.train_x[:1]).shape[1:])
         transport.register(name, None)
@@ -176,14 +179,19 @@ class DataOwner(Party):
     def train_round(self, rnd: int, on_step: StepCallback | None = None) -> float:
         """One epoch through the chain; returns the mean training loss reported by the chain."""
         # The budget and a saved one-shot release are checked before the round opens, so that an
-        # exhausted budget or a damaged release stops a resume before the verifier logs a nonce.
+        # exhausted budget or a damaged release stops a resume before the verifier logs a nonce;
+        # the round's per-step releases are counted once it has opened (a failed opening costs none).
         if self.defence is not None:
-            self.defence.begin_round(rnd)
+            self.defence.check_round(rnd)
         one_shot = self.defence is not None and self.defence.one_shot
         released_all = self._one_shot_release() if one_shot else None
         if self.verifier is not None:  # the verifier issues the round's nonce to every trainer
             self.send(RoundOpen, self.verifier, rnd, 0)
             self._receive(RoundOpened, rnd, 0)
+        if self.defence is not None:
+            self.defence.begin_round(rnd)
+        if self.on_round_opened is not None:
+            self.on_round_opened(rnd)
         if self.lr_schedule is not None:
             set_lr(self.head_optimizer, self.lr_schedule(rnd))
             set_lr(self.tail_optimizer, self.lr_schedule(rnd))

@@ -208,6 +208,12 @@ class DataOwnerDefences:
         return out
 
     # -- DataOwnerDefence -------------------------------------------------
+    def check_round(self, rnd: int) -> None:
+        """Stop (BudgetExceeded) if this round's per-step releases would exceed the budget; counts
+        nothing, so a round that then fails to open (the verifier unreachable) costs nothing."""
+        if self.accountant is not None and not self.one_shot:
+            self._check(self.steps_per_epoch)
+
     def begin_round(self, rnd: int) -> None:
         """Account for this round's per-step releases before any of them happens (stop if over budget).
 
@@ -224,6 +230,12 @@ class DataOwnerDefences:
 
     def _record(self, events: int) -> None:
         """Check the budget for `events` more releases under this job's guarantee, then count them."""
+        self._check(events)
+        self.accountant.record_release(events)
+        self._write_ledger()
+
+    def _check(self, events: int) -> None:
+        """Raise BudgetExceeded if `events` more releases would exceed the budget; counts nothing."""
         if self.head_plan is not None:
             after = self._e2e_epsilon(self.accountant.releases + events)
             budget = self.cfg.budget_epsilon
@@ -234,8 +246,6 @@ class DataOwnerDefences:
                 )
         else:
             check_budget(self.accountant, self.cfg.budget_epsilon, events)
-        self.accountant.record_release(events)
-        self._write_ledger()
 
     def release(self, a: torch.Tensor, gen: torch.Generator | None = None, *, train: bool) -> torch.Tensor:
         """Clip and noise `a`. The noise comes from the OS CSPRNG; `gen` is only for attack

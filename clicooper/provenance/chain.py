@@ -269,9 +269,8 @@ def _check_attestations(
             why = "attestation is not about a neighbouring link of this job"
         elif not verify_attestation(att, reg.identity.public_key):
             why = "invalid attestation signature"
-        if why is not None:  # blamed on the signer where it is registered, not on the position it names
-            signer = next((p for p, r in by_pos.items() if r.fingerprint == att.signer), att.from_position)
-            out.append(Finding(position=signer, round=att.round, ok=False, reason=why))
+        if why is not None:
+            out.append(Finding(position=_culprit(att, by_pos, job_id), round=att.round, ok=False, reason=why))
         else:
             valid[(att.round, att.from_position, att.to_position)].add(att.digest)
     for r in range(n_rounds):
@@ -290,6 +289,21 @@ def _check_attestations(
                     continue
                 out.append(Finding(position=to, round=r, ok=False, reason=reason))
     return out
+
+
+def _culprit(att: TranscriptAttestation, by_pos: Mapping[int, RegisteredTrainer], job_id: str) -> int:
+    """Whom a bad attestation is blamed on: a registered trainer that provably signed it (its key,
+    this job) in another position's name; otherwise, as nobody else is known to have made it, the
+    position it names."""
+    for pos, reg in by_pos.items():
+        if (
+            reg.fingerprint == att.signer
+            and pos != att.from_position
+            and att.job_id == job_id
+            and verify_attestation(att, reg.identity.public_key)
+        ):
+            return pos
+    return att.from_position
 
 
 def _state_dict(segment: Segment) -> Mapping[str, torch.Tensor]:
