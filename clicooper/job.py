@@ -366,6 +366,9 @@ class ChainJob:
         self.model, self.plan = build_model_and_plan(cfg, data, model)
         self._train_bytes: Counter[tuple[str, str]] = Counter()
         self._train_steps = 0
+        # across `run` calls on this job (a data owner program's recoveries): the summary covers them all
+        self._epoch_times: list[float] = []
+        self._started: float | None = None
         segs = split_model(self.model, self.plan)
         head, tail = segs[0], (segs[-1] if self.plan.u_shaped else None)
         trainer_segs = trainer_segments(segs, self.plan)
@@ -586,8 +589,8 @@ class ChainJob:
         metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir else None
         if metrics_path is not None and start_round > 0:
             self._complete_metrics(metrics_path, start_round)
-        epoch_times: list[float] = []
-        t0 = time.perf_counter()
+        if self._started is None:
+            self._started = time.perf_counter()
         acc = float("nan")
         for rnd in range(start_round, self.cfg.training.epochs):
             te = time.perf_counter()
@@ -596,7 +599,7 @@ class ChainJob:
             train_time = time.perf_counter() - te
             self._train_bytes.update(Counter(self.transport.bytes_sent) - before)
             self._train_steps += self.data_owner.last_round_steps
-            epoch_times.append(train_time)
+            self._epoch_times.append(train_time)
             acc = self.data_owner.evaluate("test", tag=rnd)
             row = {"epoch": rnd + 1, "train_loss": loss, "test_accuracy": acc, "epoch_time_s": train_time}
             row.update(self._privacy_row())
@@ -607,7 +610,7 @@ class ChainJob:
                 on_epoch(row)
         if start_round >= self.cfg.training.epochs:
             acc = self.data_owner.evaluate("test", tag="final")
-        return self._summary(acc, time.perf_counter() - t0, epoch_times)
+        return self._summary(acc, time.perf_counter() - self._started, list(self._epoch_times))
 
     def _complete_metrics(self, path: Path, epoch: int) -> None:
         """A run stopped between saving a round and writing its metrics line (during the test

@@ -287,3 +287,25 @@ def test_a_round_that_fails_to_open_costs_no_budget_and_pins_nothing(digits, tmp
     ChainJob(longer, digits, run).run(resume=True)
     assert json.loads(ledger.read_text())["releases"] == releases * 3 // 2
     assert verify_run(run)[0].ok
+
+
+def test_a_job_recovered_in_the_same_process_reports_all_its_epochs(digits, tmp_path):
+    """The data owner program's recovery calls `run(resume=True)` on the same job after a failure:
+    the summary's epoch times and wall time cover every attempt, not only the last."""
+    from clicooper.parties.base import ProtocolError
+
+    job = ChainJob(tiny_config(), digits, tmp_path / "run")
+    train_round = job.data_owner.train_round
+    failed = []
+
+    def flaky(rnd, on_step=None):
+        if rnd == 1 and not failed:
+            failed.append(rnd)
+            raise ProtocolError("trainer_2 was restarted (simulated)")
+        return train_round(rnd, on_step)
+
+    job.data_owner.train_round = flaky
+    with pytest.raises(ProtocolError):
+        job.run()
+    summary = job.run(resume=True)
+    assert len(summary.epoch_times_s) == 2 and summary.wall_time_s >= sum(summary.epoch_times_s)
