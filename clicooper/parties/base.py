@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from clicooper.checkpoint import atomic_write_bytes
+from clicooper.finite import all_finite
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import Header, Message
 
@@ -108,10 +109,6 @@ def require_finite(tensors: Iterable[torch.Tensor | None], *, where: str) -> Non
     """Refuse non-finite gradients before they are stepped on or sent on. A neighbour's gradient (or
     activation) can be finite, and pass every message check, yet overflow once back-propagated
     (1e38 times a weight): one optimiser step would then turn the weights, and every checkpoint
-    after, to inf or NaN. One `sum` per tensor is finite iff every element is, unless the sum
-    overflows, which is re-checked element-wise."""
-    present = [t for t in tensors if t is not None and t.numel()]
-    if not present or torch.isfinite(torch.stack([t.sum().float() for t in present])).all():
-        return
-    if not all(bool(torch.isfinite(t).all()) for t in present):
+    after, to inf or NaN."""
+    if not all_finite(tensors):
         raise ProtocolError(f"{where}: not finite; no optimiser step was taken here")

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from clicooper.allocator import byte_buffer
+from clicooper.finite import all_finite
 from clicooper.transport.messages import MESSAGE_TYPES, Header, Message
 
 WIRE_VERSION = 2  # 1 was a JSON header; a peer on another version is refused by name
@@ -246,11 +247,7 @@ def _check_header_ints(hdr: Header, where: str) -> None:
 
 
 def _check_finite(t: torch.Tensor, where: str) -> None:
-    # One reduction is finite iff every element is (NaN and inf propagate; a float32 overflow,
-    # which only absurd activations reach, is rejected too), and it needs no boolean mask.
-    # A sum that overflows is re-checked element-wise, so large finite values (float16) still pass.
-    overflow = t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum()))
-    if overflow and not bool(torch.isfinite(t).all()):
+    if not all_finite((t,)):
         raise CodecError(f"{where}: contains NaN or infinity")
 
 
