@@ -206,6 +206,21 @@ def _log_with_attestation(run, att: dict) -> str:
     return _failures(run)
 
 
+def test_an_attestation_with_a_spoiled_signature_is_refused_at_receipt(digits, tmp_path):
+    job = ChainJob(tiny_config(watermark=WM, training={"epochs": 1}), digits, tmp_path / "run")
+    hooks = job.trainers[0].hooks
+    seal = hooks.seal
+
+    def seal_spoiled(segment, rnd, steps, samples):
+        record, atts = seal(segment, rnd, steps, samples)
+        spoiled = [{**a, "signature": "00" * 64} for a in json.loads(atts)]
+        return record, json.dumps(spoiled)
+
+    hooks.seal = seal_spoiled
+    with pytest.raises(ProtocolError, match="attestation it cannot make: invalid attestation signature"):
+        job.run()
+
+
 def test_a_logged_attestation_in_a_neighbours_name_is_blamed_on_its_signer(run):
     """trainer_1 signed it, for this job, in position 2's name: trainer_1 is blamed, not position 2."""
     job_id = read_log(run / "verifier" / LOG_FILE)[0]["body"]["job_id"]

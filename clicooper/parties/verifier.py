@@ -42,7 +42,8 @@ from clicooper.provenance import (
     save_certificate,
     verify_chain,
 )
-from clicooper.provenance.records import prev_link_slots, verify_attestation, verify_record
+from clicooper.provenance.chain import attestation_fault
+from clicooper.provenance.records import prev_link_slots, verify_record
 from clicooper.provenance.statelog import LogError, StateLog, check_nonce, read_log, signed_nonce
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
@@ -243,17 +244,13 @@ class Verifier(Party):
         neighbours = {p for p in (pos - 1, pos + 1) if 1 <= p <= len(self.trainers)}
         targets = [a.to_position for a in atts]
         for a in atts:
-            if (
-                a.job_id != self.job_id
-                or a.round != rnd
-                or a.from_position != pos
-                or a.to_position not in neighbours
-                or a.signer != reg.fingerprint
-                or not verify_attestation(a, reg.identity.public_key)
-            ):
+            if a.round != rnd or a.from_position != pos or a.to_position not in neighbours:
+                fault = f"round {a.round}, position {a.from_position} -> {a.to_position}"
+            else:
+                fault = attestation_fault(a, reg, self.job_id, rnd + 1)
+            if fault is not None:
                 raise ProtocolError(
-                    f"{self.name}: {sender} (position {pos}) sent an attestation it cannot make: round "
-                    f"{a.round}, position {a.from_position} -> {a.to_position}, or not under its key"
+                    f"{self.name}: {sender} (position {pos}) sent an attestation it cannot make: {fault}"
                 )
         if len(set(targets)) != len(targets):
             raise ProtocolError(f"{self.name}: {sender} attested a link twice in round {rnd}")

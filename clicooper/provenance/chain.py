@@ -247,6 +247,22 @@ def _check_links(
     return out
 
 
+def attestation_fault(
+    att: TranscriptAttestation, reg: RegisteredTrainer | None, job_id: str, n_rounds: int
+) -> str | None:
+    """What is wrong with an attestation whose position is registered as `reg` (None: nothing is),
+    or None: the verifier's checks when it receives one, and the offline check of a job."""
+    if att.job_id != job_id:
+        return f"attestation belongs to job {att.job_id!r} (replayed)"
+    if reg is None or reg.fingerprint != att.signer:
+        return f"attestation for position {att.from_position} signed by a trainer not registered there"
+    if abs(att.from_position - att.to_position) != 1 or not 0 <= att.round < n_rounds:
+        return "attestation is not about a neighbouring link of this job"
+    if not verify_attestation(att, reg.identity.public_key):
+        return "invalid attestation signature"
+    return None
+
+
 def _check_attestations(
     attestations: Sequence[TranscriptAttestation],
     chosen: Mapping[tuple[int, int], SignedRecord],
@@ -259,16 +275,7 @@ def _check_attestations(
     out: list[Finding] = []
     valid: dict[tuple[int, int, int], set[str]] = defaultdict(set)
     for att in attestations:
-        reg = by_pos.get(att.from_position)
-        why = None
-        if att.job_id != job_id:
-            why = f"attestation belongs to job {att.job_id!r} (replayed)"
-        elif reg is None or reg.fingerprint != att.signer:
-            why = f"attestation for position {att.from_position} signed by a trainer not registered there"
-        elif abs(att.from_position - att.to_position) != 1 or not 0 <= att.round < n_rounds:
-            why = "attestation is not about a neighbouring link of this job"
-        elif not verify_attestation(att, reg.identity.public_key):
-            why = "invalid attestation signature"
+        why = attestation_fault(att, by_pos.get(att.from_position), job_id, n_rounds)
         if why is not None:
             out.append(Finding(position=_culprit(att, by_pos, job_id), round=att.round, ok=False, reason=why))
         else:
