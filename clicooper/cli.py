@@ -621,9 +621,9 @@ def verify_job(
 ) -> None:
     """Verify every stage of a job (signed log, signatures, links, nonces, weights, transcripts,
     watermarks). Exit 0 VERIFIED, 3 REJECTED, 2 error."""
-    key = _public_key_file(verifier_key) if verifier_key is not None else None
     from clicooper.parties.verifier import LOG_FILE
 
+    key = _public_key_file(verifier_key) if verifier_key is not None else None
     if not (run_dir / "verifier").is_dir():
         _fail(f"{run_dir} has no verifier folder: not a run folder, or watermarking was off")
     if not (run_dir / "verifier" / LOG_FILE).exists():  # nothing is written into, say, a keys folder

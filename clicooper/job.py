@@ -465,7 +465,7 @@ class ChainJob:
         )
         for t in self.trainers:
             t.register_with_verifier()
-        if self.run_dir is not None:  # a resume's new epoch count is pinned once the verifier has it
+        if self.config_changes:  # a resume's changes (more epochs) are pinned once a round has opened
             self.data_owner.on_round_opened = lambda rnd: self._repin_config()
 
     def _pin_config(self) -> list[dict]:
