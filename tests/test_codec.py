@@ -25,6 +25,17 @@ from clicooper.transport.messages import Abort, Nonce, Register, RoundEnd, Stage
 H = Header("job", "a", "b", 1, 2, 3)
 
 
+@pytest.fixture(autouse=True, params=["native", "reference"])
+def implementation(request, monkeypatch):
+    """Every test here runs against both codecs: the native fast path (where it is built) and the
+    Python reference alone (tests/test_native_codec.py compares the two directly)."""
+    if request.param == "reference":
+        monkeypatch.setattr(codec, "_native", None)
+    elif codec._native is None:
+        pytest.skip("the native codec is not built on this machine")
+    return request.param
+
+
 MESSAGES = [
     Forward(header=H, activation=torch.randn(4, 3, 5, 5), train=False),
     Backward(header=H, grad=torch.randn(7, 11), loss=0.25),
@@ -166,6 +177,7 @@ def test_rejects_oversize_messages_and_version_1_peers(monkeypatch):
     with pytest.raises(CodecError, match="JSON header"):
         decode(json_frame)
     monkeypatch.setattr(codec, "MAX_MESSAGE_BYTES", len(data) - 1)
+    monkeypatch.setattr(codec, "_native", None)  # the native limit is compiled in (512 MiB)
     with pytest.raises(CodecError, match="exceeds"):
         decode(data)
 

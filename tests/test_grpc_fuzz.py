@@ -36,6 +36,7 @@ from clicooper.transport.codec import _LAYOUT_BY_ID, WIRE_VERSION
 from clicooper.transport.grpc import LocalCA, RemoteAbort, Roster
 from clicooper.transport.messages import Abort, Nonce
 from tests.grpc_helpers import RawLink, endpoint
+from tests.strategies import tensors
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -99,20 +100,6 @@ def live():
 
 
 # -- frame strategies ---------------------------------------------------------------------------
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8]
-_SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e38, -0.0]
-
-
-@st.composite
-def tensors(draw) -> torch.Tensor:
-    dtype = draw(st.sampled_from(_DTYPES))
-    shape = draw(st.lists(st.integers(0, 6), min_size=0, max_size=4))
-    t = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(0, 5, shape, dtype=dtype)
-    if dtype.is_floating_point and t.numel() and draw(st.booleans()):
-        t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from(_SPECIAL))
-    return t
-
-
 @st.composite
 def messages(draw, lv: Live):
     kind = draw(st.sampled_from([Forward, Forward, Forward, Backward, Targets]))

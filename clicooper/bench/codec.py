@@ -8,6 +8,9 @@ preallocated tensor (`copy_`) and `clone` (allocation + copy, as encoding alloca
 the target is encode + decode within 2x of one copy for 1 MB and more. All are timed in turn,
 round after round (`_row`).
 
+Where the native codec is built (`_wire.c`), the Python reference's round trip is timed beside it
+in the same rounds (`reference_*`): what the fast path buys, measured in one run.
+
 The floor beside them is what any validating round trip must do to the data, with no per-message
 cost: one copy (encoding) and one read of the same bytes (decoding's finiteness check, a `sum`
 over the source just copied, as warm in cache as it will ever be). The codec's distance from the
@@ -24,6 +27,7 @@ from typing import TypeVar
 import torch
 
 from clicooper.bench.common import median
+from clicooper.transport import codec
 from clicooper.transport.codec import decode, encode, encode_frame
 from clicooper.transport.messages import Forward, Header
 
@@ -42,6 +46,8 @@ class CodecRow:
     decode_bytes_s: float
     frame_s: float
     read_s: float  # one `sum` over the tensor: the read a decoder's finiteness check makes
+    reference_encode_s: float  # the Python reference alone (equal to encode_s where it is all there is)
+    reference_decode_s: float
 
     @property
     def floor_ratio(self) -> float:
@@ -54,6 +60,11 @@ class CodecRow:
         return (self.encode_s + self.decode_inproc_s) / self.copy_s
 
     @property
+    def reference_ratio(self) -> float:
+        """The Python reference's (encode + in-process decode) / one memory copy."""
+        return (self.reference_encode_s + self.reference_decode_s) / self.copy_s
+
+    @property
     def network_ratio(self) -> float:
         """(encode_frame + decode from bytes) / one memory copy: the codec's share of a gRPC hop."""
         return (self.frame_s + self.decode_bytes_s) / self.copy_s
@@ -62,6 +73,7 @@ class CodecRow:
 @dataclass
 class CodecBench:
     sizes: list[CodecRow]
+    native: bool  # whether encode and decode ran the native fast path
     name: str = field(default="codec")
 
     def title(self) -> str:
@@ -79,6 +91,7 @@ class CodecBench:
             "enc+dec / memcpy",
             "frame+dec(bytes) / memcpy",
             "floor (copy+read) / memcpy",
+            "reference enc+dec / memcpy",
         ]
 
     def rows(self) -> list[list[str]]:
@@ -97,6 +110,7 @@ class CodecBench:
                 f"{r.ratio:.2f}",
                 f"{r.network_ratio:.2f}",
                 f"{r.floor_ratio:.2f}",
+                f"{r.reference_ratio:.2f}",
             ]
             for r in self.sizes
         ]
@@ -105,7 +119,9 @@ class CodecBench:
         large = [r for r in self.sizes if r.nbytes >= 1 << 20]
         if not large:
             return []
+        path = "native fast path" if self.native else "Python reference only (native codec not built)"
         return [
+            f"codec: {path}",
             f"worst enc+dec / memcpy at >= 1 MB: {max(r.ratio for r in large):.2f} (target <= 2)",
             "each direction alone at >= 1 MB, worst: encode / memcpy "
             f"{max(r.encode_s / r.copy_s for r in large):.2f}, decode / memcpy "
@@ -114,6 +130,8 @@ class CodecBench:
             f"{max(r.network_ratio for r in large):.2f}",
             "floor (one copy + one read, no per-message cost) / memcpy at >= 1 MB: "
             + ", ".join(f"{_size(r.nbytes)} {r.floor_ratio:.2f}" for r in large),
+            "the Python reference's enc+dec / memcpy at >= 1 MB, same rounds: "
+            + ", ".join(f"{_size(r.nbytes)} {r.reference_ratio:.2f}" for r in large),
         ]
 
 
@@ -147,6 +165,10 @@ def _row(nbytes: int, rounds: int) -> CodecRow:
         times["frame_s"].append(t)
         times["decode_bytes_s"].append(_clock(decode, frame)[1])
         del buf, frame  # what a sender lets go of after a message
+        buf, t = _clock(codec._reference_encode, msg)
+        times["reference_encode_s"].append(t)
+        times["reference_decode_s"].append(_clock(codec._reference_decode, buf)[1])
+        del buf
     return CodecRow(nbytes, **{k: median(ts) for k, ts in times.items()})
 
 
@@ -155,4 +177,4 @@ def bench_codec(sizes: list[int] | None = None, repeats: int = 9) -> CodecBench:
     for nbytes in sizes or SIZES:
         rounds = max(9, min(repeats * 20, (512 << 20) // nbytes)) if repeats > 1 else 1
         rows.append(_row(nbytes, rounds))
-    return CodecBench(rows)
+    return CodecBench(rows, native=codec._native is not None)

@@ -20,6 +20,15 @@ string, and decoding refuses any other (slack or non-zero padding, a bool other 
 Decoding validates everything a peer controls: the version, the kind, UTF-8, non-negative
 counters, finite floats, dtypes from a whitelist, shapes against byte lengths, the total size,
 finite tensors. `decode` raises `CodecError` and nothing else, whatever the bytes.
+
+Two implementations share this format. The Python one in this file is the reference: it decides
+what is valid and words every error. The native one (`_wire.c`, built at install where a C
+compiler is found) takes the common case, exactly typed fields and contiguous CPU tensors, with
+the per-message work in C and the finiteness check read from the bits, fused with the copy where
+there is one. It writes the same bytes and accepts exactly the bytes the reference accepts (the
+tests check both on valid, mutated and random messages); whenever it declines, or refuses a
+message, the reference runs on the same input, so that a refusal always carries the reference's
+error. `CLICOOPER_CODEC=python` turns the native path off (for comparisons).
 """
 
 from __future__ import annotations
@@ -27,9 +36,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import struct
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -72,11 +83,13 @@ class _WireDtype:
     torch: torch.dtype
     wire: np.dtype  # the numpy view of the bytes as they travel (little-endian)
     native: np.dtype  # the same in this machine's byte order
+    carrier: torch.dtype  # the torch dtype whose tensors numpy can view (bfloat16's is int16)
 
 
 # indexed by wire id; None at 0 so that a zero id reads as "not allowed"
 _DTYPE_BY_ID: tuple[_WireDtype | None, ...] = (None,) + tuple(
-    _WireDtype(t, _numpy_dtype(t).newbyteorder("<"), _numpy_dtype(t)) for t in _WIRE_DTYPES
+    _WireDtype(t, _numpy_dtype(t).newbyteorder("<"), _numpy_dtype(t), _CARRIERS.get(t, t))
+    for t in _WIRE_DTYPES
 )
 _SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _SCALAR_FORMATS = {int: "q", float: "d", bool: "B", str: "I"}
@@ -123,6 +136,7 @@ class _Layout:
     scalars: tuple[tuple[str, type], ...]  # (name, type), in declaration order
     tensors: tuple[str, ...]
     text_slots: tuple[int, ...]  # where the strings' byte lengths are among the values
+    scalar_names: tuple[str, ...]  # the names in `scalars`, for the native path
 
 
 def _layout(kind_id: int, cls: type[Message]) -> _Layout:
@@ -135,7 +149,8 @@ def _layout(kind_id: int, cls: type[Message]) -> _Layout:
     fmt = _PREFIX.format + "q" * len(_HEADER_INTS) + "I" * len(_HEADER_TEXTS)
     fmt += "".join(_SCALAR_FORMATS[t] for _, t in scalars) + ("BB" + "Q" * MAX_DIMS) * len(tensors)
     texts = tuple(i for i, s in enumerate(slots) if s.endswith(".len"))
-    return _Layout(cls, kind_id, struct.Struct(fmt), tuple(slots), scalars, tensors, texts)
+    names = tuple(name for name, _ in scalars)
+    return _Layout(cls, kind_id, struct.Struct(fmt), tuple(slots), scalars, tensors, texts, names)
 
 
 # A kind's wire id is its place in MESSAGE_TYPES (messages.py appends only).
@@ -197,6 +212,12 @@ _ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError)
 def encode(msg: Message) -> memoryview:
     """Serialise a message into one writable, 64-byte-aligned buffer (tensors copied once): what
     `decode` views without copying, for delivery within one process."""
+    if _native is not None and (out := _native_pack(msg, byte_buffer)) is not None:
+        return out
+    return _reference_encode(msg)
+
+
+def _reference_encode(msg: Message) -> memoryview:
     parts = _only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS)
     total = sum(len(p) for p in parts)
     raw = byte_buffer(total + ALIGN)
@@ -214,6 +235,12 @@ def encode_frame(msg: Message) -> bytes:
     """The same bytes as `encode`, as one immutable `bytes` object: what gRPC sends. The tensors
     are copied once, straight from their memory into the frame (`bytes(encode(msg))` would copy
     them twice)."""
+    if _native is not None and (out := _native_pack(msg, None)) is not None:
+        return out
+    return _reference_frame(msg)
+
+
+def _reference_frame(msg: Message) -> bytes:
     return b"".join(_only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS))
 
 
@@ -282,6 +309,12 @@ def _decode_tensor(
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
     """Parse and validate bytes from a peer into a typed message; raises only CodecError."""
+    if _native is not None and (msg := _native_decode(data)) is not None:
+        return msg
+    return _reference_decode(data)
+
+
+def _reference_decode(data: bytes | bytearray | memoryview) -> Message:
     stray = (TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError, struct.error)
     return _only_codec_errors(_decode, data, stray)
 
@@ -393,8 +426,99 @@ def _copy_message(msg: Message) -> tuple[Message, int]:
         total += nbytes
         if t.dim() > MAX_DIMS or total > MAX_MESSAGE_BYTES:
             raise CodecError(f"{where}: shape {list(t.shape)} exceeds the message limits")
-        copy = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach())
-        _check_finite(copy, where)
+        copy = torch.empty(t.shape, dtype=t.dtype)
+        if not _copy_finite(copy, t):
+            raise CodecError(f"{where}: contains NaN or infinity")
         kwargs[name] = copy
         size += _align(nbytes)
     return cls(header=hdr, **kwargs), size
+
+
+def _copy_finite(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Copy `src` into `dst` (same shape and dtype) and say whether every element is finite: one
+    pass in native code for a contiguous CPU tensor, else a copy and a `sum`."""
+    dtype_id = _DTYPE_IDS.get(src.dtype)
+    if _native is not None and dtype_id is not None and src.is_cpu and src.is_contiguous():
+        carrier = _DTYPE_BY_ID[dtype_id].carrier  # type: ignore[union-attr]
+        try:
+            dst_array = dst.view(carrier).numpy()
+            src_array = src.detach().view(carrier).numpy()
+        except (RuntimeError, TypeError):  # a tensor numpy cannot view (conjugate, negative bits)
+            pass
+        else:
+            return _native.copy_finite(dst_array.reshape(-1), src_array.reshape(-1), 0, dtype_id)
+    dst.copy_(src.detach())
+    return all_finite((dst,))
+
+
+# ---- the native fast path (_wire.c). Every function returns None where it declines.
+
+_NATIVE_CODES = {int: "q", float: "d", bool: "b", str: "s"}
+
+
+def _load_native() -> ModuleType | None:
+    """The compiled fast path with this file's layouts registered, or None: not built (no C
+    compiler at install), a big-endian host, or `CLICOOPER_CODEC=python`."""
+    if os.environ.get("CLICOOPER_CODEC", "").lower() == "python" or not _LITTLE_ENDIAN:
+        return None
+    try:
+        from clicooper.transport import _wire
+    except ImportError:
+        return None
+    if _wire.WIRE_VERSION != WIRE_VERSION or _wire.MAX_DIMS != MAX_DIMS or _wire.ALIGN != ALIGN:
+        return None  # a stale build of another format: never mix the two
+    for layout in _LAYOUT_BY_ID:
+        codes = "".join(_NATIVE_CODES[t] for _, t in layout.scalars)
+        size = _wire.register(layout.kind_id, layout.scalar_names, codes, len(layout.tensors))
+        if size != layout.fixed.size:
+            raise RuntimeError(f"_wire.c and codec.py disagree on the {layout.cls.KIND} layout")
+    return _wire
+
+
+def _native_pack(msg: Message, alloc: Callable[[int], np.ndarray] | None) -> memoryview | bytes | None:
+    """`encode` (with `alloc`) or `encode_frame` (without) in native code, for messages whose tensors
+    are CPU tensors numpy can view; the native side declines anything not exactly typed."""
+    layout = _LAYOUTS.get(type(msg))
+    if layout is None:
+        return None
+    specs = []
+    for name in layout.tensors:
+        t = getattr(msg, name, None)
+        dtype_id = _DTYPE_IDS.get(t.dtype) if isinstance(t, torch.Tensor) else None
+        if dtype_id is None or not t.is_cpu:
+            return None
+        carrier = _DTYPE_BY_ID[dtype_id].carrier  # type: ignore[union-attr]
+        try:
+            specs.append((dtype_id, (t.detach() if carrier is t.dtype else t.detach().view(carrier)).numpy()))
+        except (RuntimeError, TypeError):  # a tensor numpy cannot view (conjugate, negative bits)
+            return None
+    return _native.pack(msg, layout.kind_id, tuple(specs), alloc)
+
+
+def _native_decode(data: bytes | bytearray | memoryview) -> Message | None:
+    """`decode` in native code, or None when the native side refuses the bytes (then the reference
+    decodes them and says why)."""
+    parsed = _native.parse(data)
+    if parsed is None:
+        return None
+    kind_id, header, scalars, specs, readonly = parsed
+    layout = _LAYOUT_BY_ID[kind_id]
+    kwargs = dict(zip(layout.scalar_names, scalars, strict=True))
+    for name, (dtype_id, shape, offset, count) in zip(layout.tensors, specs, strict=True):
+        dtype: _WireDtype = _DTYPE_BY_ID[dtype_id]  # type: ignore[assignment]
+        if readonly:  # bytes from a network: copied once, checked as copied
+            nbytes = count * dtype.native.itemsize
+            raw = byte_buffer(nbytes + ALIGN)
+            start = -raw.__array_interface__["data"][0] % ALIGN
+            arr = raw[start : start + nbytes]
+            if not _native.copy_finite(arr, data, offset, dtype_id):
+                return None
+            arr = arr.view(dtype.native)
+        else:  # a buffer this message alone owns: viewed without a copy (checked by parse)
+            arr = np.frombuffer(data, dtype=dtype.native, count=count, offset=offset)
+        t = torch.from_numpy(arr.reshape(shape))
+        kwargs[name] = t.view(dtype.torch) if dtype.torch is not dtype.carrier else t
+    return layout.cls(header=Header(*header), **kwargs)
+
+
+_native: ModuleType | None = _load_native()

@@ -1,0 +1,331 @@
+"""The native codec (`_wire.c`) against the Python reference in codec.py.
+
+The two must write the same bytes for every message the native side takes, and accept exactly the
+same bytes from a peer (the native side then returns the same message). Hypothesis draws messages
+of every kind with hostile fields, and frames: valid encodings, encodings with bytes changed, with
+hostile values in their fixed part, cut short or extended, and random bytes. tests/test_codec.py
+runs its own cases against both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import struct
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clicooper.transport import CodecError, Forward, Header, codec, copy_message, decode, encode, encode_frame
+from clicooper.transport.messages import MESSAGE_TYPES, Message
+from tests.strategies import WIRE_DTYPES, tensors
+
+native = codec._native
+needs_native = pytest.mark.skipif(native is None, reason="the native codec is not built on this machine")
+FUZZ = settings(
+    max_examples=600,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example],
+)
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+def test_the_native_codec_is_built_where_a_compiler_is():
+    """setup.sh builds it with the package; a machine with a C compiler and Python's headers must
+    have it (the build is optional only so that an install without a compiler still works)."""
+    if os.environ.get("CLICOOPER_CODEC", "").lower() == "python":
+        pytest.skip("CLICOOPER_CODEC=python turns the native codec off")
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not shutil.which(compiler) or not headers.exists():
+        pytest.skip("no C compiler or no Python headers here: the Python reference runs alone")
+    assert native is not None, "the native codec was not built: run `pip install -e .` again"
+
+
+@needs_native
+def test_a_stale_native_build_of_another_format_is_not_used(monkeypatch):
+    monkeypatch.setattr(native, "WIRE_VERSION", codec.WIRE_VERSION + 1)
+    assert codec._load_native() is None
+    monkeypatch.setattr(native, "WIRE_VERSION", codec.WIRE_VERSION)
+    assert codec._load_native() is native
+
+
+# -- strategies --------------------------------------------------------------------------------
+def _value(draw, typ: type):
+    """A value for a field of type `typ`, now and then of the wrong type or out of range."""
+    if draw(st.integers(0, 19)) == 0:
+        return draw(st.sampled_from([None, 1.5, "x", 2**64, -(2**63) - 1, True, 2]))
+    if typ is str:
+        return draw(st.text(max_size=12))  # surrogates included: not UTF-8-encodable
+    if typ is int:
+        return draw(st.one_of(st.integers(-3, 1000), INT64))
+    if typ is float:
+        return draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)))
+    if typ is bool:
+        return draw(st.booleans())
+    return draw(tensors(max_dim=5, awkward=True))
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "torch.Tensor": torch.Tensor}
+
+
+@st.composite
+def messages(draw) -> Message:
+    cls = draw(st.sampled_from(list(MESSAGE_TYPES.values())))
+    header = Header(**{f.name: _value(draw, _TYPES[f.type]) for f in dataclasses.fields(Header)})
+    fields = {f.name: _value(draw, _TYPES[f.type]) for f in dataclasses.fields(cls) if f.name != "header"}
+    return cls(header=header, **fields)
+
+
+def _reference_frame(msg: Message) -> bytes | None:
+    try:
+        return codec._reference_frame(msg)
+    except CodecError:
+        return None
+
+
+@st.composite
+def frames(draw) -> bytes:
+    how = draw(st.sampled_from(["valid", "valid", "changed", "fixed part", "cut", "extended", "random"]))
+    if how == "random":
+        return draw(st.binary(max_size=400))
+    data = None
+    while data is None:
+        data = _reference_frame(draw(messages()))
+    data = bytearray(data)
+    if how == "changed":
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif how == "fixed part":  # a hostile value in one slot of the binary header
+        layout = codec._LAYOUT_BY_ID[data[5]]
+        values = list(layout.fixed.unpack_from(data))
+        i = draw(st.integers(0, len(values) - 1))
+        fmt = layout.fixed.format.removeprefix("<")[i]
+        hostile = {"B": [0, 1, 2, 255], "I": [0, 1, 63, 2**20 + 1, 2**32 - 1], "q": [-(2**63), -1, 2**62]}
+        hostile |= {"Q": [0, 1, 2**29 + 1, 2**40, 2**64 - 1], "d": [float("nan"), float("-inf"), 1e308]}
+        values[i] = draw(st.sampled_from(hostile[fmt]))
+        data[: layout.fixed.size] = layout.fixed.pack(*values)
+    elif how == "cut":
+        del data[draw(st.integers(0, len(data) - 1)) :]
+    elif how == "extended":
+        data += draw(st.binary(min_size=1, max_size=70))
+    return bytes(data)
+
+
+# -- comparisons -------------------------------------------------------------------------------
+def _bytes(t: torch.Tensor) -> bytes:
+    return bytes(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _same_message(a: Message, b: Message) -> bool:
+    if type(a) is not type(b) or a.header != b.header:
+        return False
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or x.shape != y.shape or not x.is_contiguous() or not y.is_contiguous():
+                return False
+            if x.numel() and _bytes(x) != _bytes(y):
+                return False
+        elif f.name != "header" and (type(x) is not type(y) or x != y):
+            return False
+    return True
+
+
+def _reference_decode(data: bytes | bytearray) -> Message | None:
+    try:
+        return codec._reference_decode(data)
+    except CodecError:
+        return None
+
+
+@needs_native
+@FUZZ
+@given(messages())
+def test_native_encoding_writes_the_reference_bytes(msg):
+    ref = _reference_frame(msg)
+    fast = codec._native_pack(msg, None)
+    if fast is not None:
+        assert ref is not None and fast == ref
+    aligned = codec._native_pack(msg, codec.byte_buffer)
+    if aligned is not None:
+        assert ref is not None and bytes(aligned) == ref
+        assert np.frombuffer(aligned, dtype=np.uint8).ctypes.data % codec.ALIGN == 0
+    # the public functions: the same bytes, or the reference's refusal
+    for fn in (encode, encode_frame):
+        try:
+            out = bytes(fn(msg))
+        except CodecError:
+            assert ref is None
+        else:
+            assert out == ref
+
+
+@needs_native
+def test_the_native_path_takes_every_well_typed_message():
+    """The fast path must not pass the tests above by declining: every kind, each wire dtype,
+    0-d, empty, non-ASCII strings."""
+    h = Header("jöb", "trainer_1", "trainer_2", 3, 4, 5)
+    for cls in MESSAGE_TYPES.values():
+        for dtype in WIRE_DTYPES:
+            fields = {}
+            for f in dataclasses.fields(cls):
+                typ = _TYPES.get(f.type)
+                if f.name != "header":
+                    fields[f.name] = {str: "é✓", int: 7, float: 0.5, bool: True}.get(typ)
+                    if typ is torch.Tensor:
+                        fields[f.name] = torch.arange(6).to(dtype).reshape(2, 3)
+            msg = cls(header=h, **fields)
+            for alloc in (None, codec.byte_buffer):
+                out = codec._native_pack(msg, alloc)
+                assert out is not None, (cls.KIND, dtype)
+                back = codec._native_decode(bytearray(out) if alloc else out)
+                assert back is not None and _same_message(back, msg), (cls.KIND, dtype)
+    for t in (torch.tensor(1.5), torch.empty(0, 3), torch.randn(1, 2, 1, 1, 1, 1, 1, 1)):
+        msg = Forward(header=h, activation=t)
+        assert _same_message(codec._native_decode(codec._native_pack(msg, None)), msg)
+
+
+@needs_native
+@FUZZ
+@given(frames())
+def test_native_decoding_accepts_exactly_what_the_reference_accepts(frame):
+    ref = _reference_decode(frame)
+    for data in (frame, bytearray(frame)):  # read-only (network) and writable (in-process) buffers
+        fast = codec._native_decode(data)
+        assert (fast is None) == (ref is None), (ref, fast)
+        if ref is not None:
+            assert _same_message(fast, ref)
+            assert _same_message(decode(data), ref)
+        else:
+            with pytest.raises(CodecError):
+                decode(data)
+
+
+@needs_native
+def test_native_decoding_refuses_what_the_reference_refuses_in_every_slot():
+    """Each check, one at a time, on a valid message (the fuzzing above samples these)."""
+    msg = Forward(header=Header("j", "a", "b", 1, 2, 3), activation=torch.randn(2, 3), micros=4)
+    good = codec._reference_frame(msg)
+    layout = codec._LAYOUT_BY_ID[good[5]]
+    assert codec._native_decode(good) is not None
+    spoiled = []
+    for i, slot in enumerate(layout.slots):
+        fmt = layout.fixed.format.removeprefix("<")[i]
+        for v in {"B": [2, 255], "I": [0, 2**32 - 1], "q": [-1], "Q": [2**29 + 1, 2**64 - 1], "d": []}[fmt]:
+            values = list(layout.fixed.unpack_from(good))
+            values[i] = v
+            spoiled.append((slot, layout.fixed.pack(*values) + good[layout.fixed.size :]))
+    end = 4 + struct.unpack_from("<I", good)[0]
+    spoiled += [("header padding", good[: end - 1] + b"\x01" + good[end:])]
+    spoiled += [("tensor padding", good[:-1] + b"\x01"), ("trailing", good + bytes(64))]
+    spoiled += [("cut", good[:-64]), ("utf-8", good.replace(b"jab", b"\xff\xfeb"))]
+    nan = bytearray(good)
+    nan[end : end + 4] = struct.pack("<f", float("nan"))
+    spoiled += [("nan", bytes(nan))]
+    refused = 0
+    for slot, data in spoiled:
+        ref = _reference_decode(data)
+        assert (codec._native_decode(data) is None) == (ref is None), slot
+        refused += ref is None
+    assert refused >= len(spoiled) - 12  # most spoiled values are refusals (not a vacuous test)
+
+
+# -- finiteness --------------------------------------------------------------------------------
+_BITS = {  # (dtype, its same-width integer dtype, non-finite bit patterns, finite edge patterns)
+    torch.float32: (
+        torch.int32,
+        [0x7F800000, 0xFF800000, 0x7F800001, 0x7FC00000, 0xFFFFFFFF],
+        [0x7F7FFFFF, 1, 0x80000000],
+    ),
+    torch.float64: (
+        torch.int64,
+        [0x7FF0000000000000, -0x10000000000000, 0x7FF8000000000000, 0x7FF0000000000001],
+        [0x7FEFFFFFFFFFFFFF, 1, -0x8000000000000000],
+    ),
+    torch.float16: (torch.int16, [0x7C00, -0x400, 0x7C01, 0x7E00, -1], [0x7BFF, 1, -0x8000]),
+    torch.bfloat16: (torch.int16, [0x7F80, -0x80, 0x7F81, 0x7FC0, -1], [0x7F7F, 1, -0x8000]),
+}
+
+
+def _with_bits(dtype: torch.dtype, n: int, at: int | None, bits: int) -> torch.Tensor:
+    as_int, _, _ = _BITS[dtype]
+    width = torch.iinfo(as_int).bits
+    t = torch.randn(n).to(dtype)
+    if at is not None:
+        t.view(as_int)[at] = bits if bits < 2 ** (width - 1) else bits - 2**width  # as a signed integer
+    return t
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", list(_BITS))
+def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
+    """Every non-finite pattern (infinities, quiet and signalling NaNs, NaN payloads) and the
+    finite extremes, at each position of tensors whose lengths cover the vector loops' tails."""
+    _, bad, edge = _BITS[dtype]
+    wire_id = codec._DTYPE_IDS[dtype]
+    carrier = codec._DTYPE_BY_ID[wire_id].carrier
+    for n in (1, 7, 8, 9, 31, 64, 65, 4097):
+        for at in sorted({0, n // 2, n - 1}):
+            for bits in bad + edge:
+                t = _with_bits(dtype, n, at, bits)
+                expected = bool(torch.isfinite(t).all())
+                assert expected == (bits in edge)
+                src = t.view(carrier).numpy()
+                assert native.all_finite(src, wire_id) == expected, (n, at, hex(bits))
+                dst = np.empty_like(src)
+                assert native.copy_finite(dst, src, 0, wire_id) == expected
+                assert dst.tobytes() == src.tobytes()
+
+
+@needs_native
+def test_copy_finite_refuses_a_source_shorter_than_its_destination():
+    with pytest.raises(ValueError, match="shorter"):
+        native.copy_finite(np.empty(8, np.float32), np.zeros(8, np.float32), 4, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        native.copy_finite(np.empty(8, np.float32), np.zeros(8, np.float32), 0, 0)
+
+
+# -- in-process copies -------------------------------------------------------------------------
+@needs_native
+@FUZZ
+@given(messages())
+def test_in_process_copies_agree_with_the_reference(msg):
+    try:
+        fast = copy_message(msg)
+    except CodecError as e:
+        fast = e
+    saved = codec._native
+    codec._native = None
+    try:
+        ref = copy_message(msg)
+    except CodecError as e:
+        ref = e
+    finally:
+        codec._native = saved
+    if isinstance(ref, CodecError):
+        assert isinstance(fast, CodecError) and str(fast) == str(ref)
+    else:
+        assert not isinstance(fast, CodecError) and fast[1] == ref[1] and _same_message(fast[0], ref[0])
+        for f in dataclasses.fields(msg):  # a copy, never the sender's memory
+            x = getattr(msg, f.name)
+            if isinstance(x, torch.Tensor) and x.numel():
+                assert getattr(fast[0], f.name).data_ptr() != x.data_ptr()
+
+
+def test_forward_messages_from_the_native_path_are_usable_tensors():
+    """Decoded tensors are ordinary, writable, 64-byte aligned tensors on both paths."""
+    x = torch.randn(4, 3, 5, 5)
+    for data in (encode(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x)),):
+        for buf in (data, bytes(data)):
+            out = decode(buf).activation
+            assert torch.equal(out, x) and out.data_ptr() % codec.ALIGN == 0
+            out += 1  # writable: the receiver owns it
