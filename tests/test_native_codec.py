@@ -329,3 +329,79 @@ def test_forward_messages_from_the_native_path_are_usable_tensors():
             out = decode(buf).activation
             assert torch.equal(out, x) and out.data_ptr() % codec.ALIGN == 0
             out += 1  # writable: the receiver owns it
+
+
+# -- found in review: hostile shapes, odd buffers, a layout changed under a call ----------------
+def _empty_with_huge_dimensions() -> bytes:
+    """A valid empty activation whose other dimensions are as large as the limit allows: valid on
+    the wire (no bytes follow), but numpy refuses to shape it."""
+    layout = codec._LAYOUTS[Forward]
+    frame = bytearray(
+        codec._reference_frame(Forward(header=Header("j", "a", "b", 1, 2, 3), activation=torch.empty(0)))
+    )
+    values = list(layout.fixed.unpack_from(frame))
+    k = layout.slots.index("activation.dtype")
+    values[k + 1 : k + 2 + codec.MAX_DIMS] = [8, 0] + [2**29] * 7
+    layout.fixed.pack_into(frame, 0, *values)
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_decoding_raises_only_codec_errors_where_numpy_refuses_a_shape(native_on, monkeypatch):
+    if not native_on:
+        monkeypatch.setattr(codec, "_native", None)
+    frame = _empty_with_huge_dimensions()
+    for data in (frame, bytearray(frame)):
+        with pytest.raises(CodecError):
+            decode(data)
+
+
+def test_decoding_a_buffer_that_is_not_flat_bytes_raises_codec_errors():
+    """The reference counts len(data) items: a float view or a 2-D view of a valid frame is refused
+    (as a malformed frame), and the native parser declines it rather than reading its bytes."""
+    good = encode_frame(Forward(header=Header("j", "a", "b", 1, 2, 3), activation=torch.randn(2, 3)))
+    for odd in (
+        memoryview(good).cast("f"),
+        memoryview(good).cast("B", (len(good) // 64, 64)),
+        memoryview(good + good)[::2],
+    ):
+        if native is not None:
+            assert native.parse(odd) is None
+        with pytest.raises(CodecError):
+            decode(odd)
+
+
+@needs_native
+def test_a_registered_layout_never_changes():
+    """`pack` and `parse` read a kind's layout while Python code runs (getters, the allocator): a
+    registration that would change it under them is refused; the same one again is accepted."""
+    layout = codec._LAYOUTS[Forward]
+    codes = "".join(codec._NATIVE_CODES[t] for _, t in layout.scalars)
+    assert native.register(layout.kind_id, layout.scalar_names, codes, 1) == layout.fixed.size
+    with pytest.raises(ValueError, match="another layout"):
+        native.register(layout.kind_id, layout.scalar_names, codes, 2)
+    with pytest.raises(ValueError, match="another layout"):
+        native.register(layout.kind_id, tuple(f"x{i}" for i in range(len(codes))), codes, 1)
+
+    class Sneaky(Forward):
+        @property
+        def header(self):  # re-registers the kind mid-call
+            native.register(layout.kind_id, (), "", 32)
+            return Header("j", "a", "b", 0, 0, 1)
+
+    msg = object.__new__(Sneaky)
+    assert native.pack(msg, layout.kind_id, ((1, np.zeros(3, np.float32)),), None) is None
+    assert codec._native_decode(encode_frame(Forward(header=Header("j", "a", "b", 0, 0, 1)))) is not None
+
+
+@needs_native
+def test_pack_refuses_an_inconsistent_call():
+    msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=torch.zeros(3))
+    kind = codec._LAYOUTS[Forward].kind_id
+    arr = np.zeros(3, np.float32)
+    assert native.pack(msg, kind, ((2**32 + 1, arr),), None) is None  # a dtype id out of range
+    assert native.pack(msg, kind, ((2, arr),), None) is None  # float64's id for 4-byte values
+    with pytest.raises(ValueError, match="flat byte buffer"):
+        native.pack(msg, kind, ((1, arr),), lambda n: np.empty(n, np.float64))
+    with pytest.raises(ValueError, match="flat byte buffer"):
+        native.pack(msg, kind, ((1, arr),), lambda n: bytearray(n - 65))  # one byte short, however aligned

@@ -303,8 +303,12 @@ fail:
 
 static PyObject *wire_parse(PyObject *self, PyObject *arg) {
     Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear(); /* not a contiguous byte buffer: the Python path says what it is */
+    if (PyObject_GetBuffer(arg, &view, PyBUF_ND) < 0) {
+        PyErr_Clear(); /* not a contiguous buffer: the Python path says what it is */
+        Py_RETURN_NONE;
+    }
+    if (view.ndim != 1 || view.itemsize != 1) { /* the reference counts len(data) items, not bytes */
+        PyBuffer_Release(&view);
         Py_RETURN_NONE;
     }
     /* a read-only buffer's tensors are checked later, while copy_finite copies them */
@@ -317,9 +321,9 @@ static PyObject *wire_parse(PyObject *self, PyObject *arg) {
 
 static PyObject *wire_copy_finite(PyObject *self, PyObject *args) {
     PyObject *dst_obj, *src_obj;
-    unsigned long long offset;
+    Py_ssize_t offset;
     int dtype_id;
-    if (!PyArg_ParseTuple(args, "OOKi", &dst_obj, &src_obj, &offset, &dtype_id))
+    if (!PyArg_ParseTuple(args, "OOni", &dst_obj, &src_obj, &offset, &dtype_id))
         return NULL;
     if (dtype_id < 1 || dtype_id > N_DTYPES) {
         PyErr_SetString(PyExc_ValueError, "copy_finite: unknown dtype id");
@@ -333,9 +337,10 @@ static PyObject *wire_copy_finite(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *out = NULL;
-    if (offset > (unsigned long long)src.len || (unsigned long long)dst.len > src.len - offset ||
-        dst.len % ITEMSIZE[dtype_id])
+    if (offset < 0 || offset > src.len || dst.len > src.len - offset)
         PyErr_SetString(PyExc_ValueError, "copy_finite: the source is shorter than the destination");
+    else if (dst.len % ITEMSIZE[dtype_id])
+        PyErr_SetString(PyExc_ValueError, "copy_finite: the destination is not whole values of the dtype");
     else {
         int ok;
         Py_BEGIN_ALLOW_THREADS
@@ -360,6 +365,11 @@ static PyObject *wire_all_finite(PyObject *self, PyObject *args) {
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
+    if (view.len % ITEMSIZE[dtype_id]) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "all_finite: the buffer is not whole values of the dtype");
+        return NULL;
+    }
     int ok = finite_bytes(dtype_id, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     return PyBool_FromLong(ok);
@@ -412,6 +422,9 @@ static PyObject *wire_pack(PyObject *self, PyObject *args) {
     Py_buffer views[MAX_FIELDS];
     int n_views = 0;
     PyObject *result = NULL, *raw = NULL;
+    Py_buffer out_view;
+    int have_out_view = 0;
+    uint64_t start = 0;
 
     const char *texts[MAX_TEXTS];
     Py_ssize_t text_len[MAX_TEXTS];
@@ -476,11 +489,10 @@ static PyObject *wire_pack(PyObject *self, PyObject *args) {
         PyObject *spec = PyTuple_GET_ITEM(tensor_specs, t);
         if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2)
             goto fallback;
-        dtype_ids[t] = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
-        if (dtype_ids[t] < 1 || dtype_ids[t] > N_DTYPES) {
-            PyErr_Clear();
+        long long dtype_id;
+        if (!int_of(PyTuple_GET_ITEM(spec, 0), &dtype_id) || dtype_id < 1 || dtype_id > N_DTYPES)
             goto fallback;
-        }
+        dtype_ids[t] = (int)dtype_id;
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(spec, 1), &views[n_views], PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0) {
             PyErr_Clear();
             goto fallback;
@@ -494,38 +506,21 @@ static PyObject *wire_pack(PyObject *self, PyObject *args) {
 
     uint8_t *out;
     if (alloc == Py_None) {
-        result = raw = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        raw = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
         if (!raw)
             goto error;
         out = (uint8_t *)PyBytes_AS_STRING(raw);
     } else {
         raw = PyObject_CallFunction(alloc, "K", (unsigned long long)(total + ALIGN));
-        if (!raw)
+        if (!raw || PyObject_GetBuffer(raw, &out_view, PyBUF_WRITABLE | PyBUF_ND) < 0)
             goto error;
-        Py_buffer rv;
-        if (PyObject_GetBuffer(raw, &rv, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
-            goto error;
-        uint64_t start = (ALIGN - (uintptr_t)rv.buf % ALIGN) % ALIGN;
-        int big_enough = (uint64_t)rv.len >= start + total;
-        out = (uint8_t *)rv.buf + start;
-        PyBuffer_Release(&rv); /* raw, which we hold, keeps the memory */
-        if (!big_enough) {
-            PyErr_SetString(PyExc_ValueError, "pack: the allocated buffer is too small");
+        have_out_view = 1; /* held until the bytes are written */
+        start = (ALIGN - (uintptr_t)out_view.buf % ALIGN) % ALIGN;
+        if (out_view.ndim != 1 || out_view.itemsize != 1 || (uint64_t)out_view.len < start + total) {
+            PyErr_SetString(PyExc_ValueError, "pack: alloc must return a flat byte buffer of the size asked");
             goto error;
         }
-        PyObject *whole = PyMemoryView_FromObject(raw);
-        if (!whole)
-            goto error;
-        PyObject *lo = PyLong_FromUnsignedLongLong(start), *hi = PyLong_FromUnsignedLongLong(start + total);
-        PyObject *slice = (lo && hi) ? PySlice_New(lo, hi, NULL) : NULL;
-        Py_XDECREF(lo);
-        Py_XDECREF(hi);
-        result = slice ? PyObject_GetItem(whole, slice) : NULL;
-        Py_XDECREF(slice);
-        Py_DECREF(whole);
-        if (!result)
-            goto error;
-        Py_CLEAR(raw); /* the memoryview holds it */
+        out = (uint8_t *)out_view.buf + start;
     }
 
     /* the fixed part */
@@ -571,17 +566,34 @@ static PyObject *wire_pack(PyObject *self, PyObject *args) {
         memset(p + len, 0, pad);
         p += len + pad;
     }
+    if (alloc == Py_None) {
+        result = raw;
+        raw = NULL;
+    } else { /* a memoryview of [start, start + total), which keeps raw alive */
+        PyObject *whole = PyMemoryView_FromObject(raw);
+        PyObject *lo = PyLong_FromUnsignedLongLong(start), *hi = PyLong_FromUnsignedLongLong(start + total);
+        PyObject *slice = (lo && hi) ? PySlice_New(lo, hi, NULL) : NULL;
+        result = (whole && slice) ? PyObject_GetItem(whole, slice) : NULL;
+        Py_XDECREF(whole);
+        Py_XDECREF(lo);
+        Py_XDECREF(hi);
+        Py_XDECREF(slice);
+    }
     goto done;
 
 fallback:
+    /* an exception from a field's getter (but an interrupt) is the reference's to raise again */
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+        goto error;
     PyErr_Clear();
     result = Py_NewRef(Py_None);
     goto done;
 error:
     Py_CLEAR(result);
-    Py_CLEAR(raw);
-    result = NULL;
 done:
+    if (have_out_view)
+        PyBuffer_Release(&out_view);
+    Py_XDECREF(raw);
     for (int i = 0; i < n_views; i++)
         PyBuffer_Release(&views[i]);
     for (int i = 0; i < n_held; i++)
@@ -608,17 +620,33 @@ static PyObject *wire_register(PyObject *self, PyObject *args) {
     L.fixed_size = PREFIX_SIZE + 8 * HEADER_COUNTERS + 4 * HEADER_TEXTS + (Py_ssize_t)n_tensors * TENSOR_SLOT;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t size = scalar_size(codes[i]);
-        PyObject *name = PyTuple_GET_ITEM(names, i);
-        if (size < 0 || !PyUnicode_Check(name)) {
+        if (size < 0 || !PyUnicode_Check(PyTuple_GET_ITEM(names, i))) {
             PyErr_SetString(PyExc_ValueError, "register: scalar codes are q, d, b, s; names are str");
             return NULL;
         }
         L.codes[i] = codes[i];
-        L.names[i] = Py_NewRef(name);
+        L.names[i] = PyTuple_GET_ITEM(names, i); /* borrowed until the layout is kept */
         L.fixed_size += size;
     }
-    for (int i = 0; i < layouts[kind].n_scalars; i++)
-        Py_XDECREF(layouts[kind].names[i]);
+    /* A kind's layout never changes once registered: `pack` and `parse` read it while Python code
+     * (getters, the allocator) runs, which could otherwise register it again under them. */
+    const Layout *old = &layouts[kind];
+    if (old->used) {
+        int same = old->n_scalars == L.n_scalars && old->n_tensors == L.n_tensors;
+        for (int i = 0; same && i < L.n_scalars; i++) {
+            int eq = PyUnicode_Compare(old->names[i], L.names[i]);
+            if (eq == -1 && PyErr_Occurred())
+                return NULL;
+            same = old->codes[i] == L.codes[i] && eq == 0;
+        }
+        if (!same) {
+            PyErr_SetString(PyExc_ValueError, "register: this kind has another layout already");
+            return NULL;
+        }
+        return PyLong_FromSsize_t(old->fixed_size);
+    }
+    for (int i = 0; i < L.n_scalars; i++)
+        Py_INCREF(L.names[i]);
     layouts[kind] = L;
     return PyLong_FromSsize_t(L.fixed_size); /* codec.py checks it against its struct's size */
 }

@@ -212,7 +212,7 @@ _ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError)
 def encode(msg: Message) -> memoryview:
     """Serialise a message into one writable, 64-byte-aligned buffer (tensors copied once): what
     `decode` views without copying, for delivery within one process."""
-    if _native is not None and (out := _native_pack(msg, byte_buffer)) is not None:
+    if _native is not None and (out := _native_or_none(_native_pack, msg, byte_buffer)) is not None:
         return out
     return _reference_encode(msg)
 
@@ -235,7 +235,7 @@ def encode_frame(msg: Message) -> bytes:
     """The same bytes as `encode`, as one immutable `bytes` object: what gRPC sends. The tensors
     are copied once, straight from their memory into the frame (`bytes(encode(msg))` would copy
     them twice)."""
-    if _native is not None and (out := _native_pack(msg, None)) is not None:
+    if _native is not None and (out := _native_or_none(_native_pack, msg, None)) is not None:
         return out
     return _reference_frame(msg)
 
@@ -309,14 +309,18 @@ def _decode_tensor(
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
     """Parse and validate bytes from a peer into a typed message; raises only CodecError."""
-    if _native is not None and (msg := _native_decode(data)) is not None:
+    if _native is not None and (msg := _native_or_none(_native_decode, data)) is not None:
         return msg
     return _reference_decode(data)
 
 
+# what malformed input (or a buffer that is not flat bytes) raises inside decoding
+_DECODE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError)
+_DECODE_ERRORS += (BufferError, struct.error)
+
+
 def _reference_decode(data: bytes | bytearray | memoryview) -> Message:
-    stray = (TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError, struct.error)
-    return _only_codec_errors(_decode, data, stray)
+    return _only_codec_errors(_decode, data, _DECODE_ERRORS)
 
 
 def _only_codec_errors(fn: Callable[[T], R], arg: T, stray: tuple[type[Exception], ...]) -> R:
@@ -452,6 +456,17 @@ def _copy_finite(dst: torch.Tensor, src: torch.Tensor) -> bool:
 
 
 # ---- the native fast path (_wire.c). Every function returns None where it declines.
+
+
+def _native_or_none(fn: Callable[..., R], *args: Any) -> R | None:
+    """`fn(*args)`, or None if it raised: whatever goes wrong on the fast path (numpy refusing the
+    shape of an empty tensor with huge dimensions, a getter raising), the reference then runs on the
+    same input and raises the CodecError, so that `decode` and `encode` raise nothing else."""
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
 
 _NATIVE_CODES = {int: "q", float: "d", bool: "b", str: "s"}
 
