@@ -405,3 +405,17 @@ def test_pack_refuses_an_inconsistent_call():
         native.pack(msg, kind, ((1, arr),), lambda n: np.empty(n, np.float64))
     with pytest.raises(ValueError, match="flat byte buffer"):
         native.pack(msg, kind, ((1, arr),), lambda n: bytearray(n - 65))  # one byte short, however aligned
+
+
+@needs_native
+def test_in_process_copies_of_well_typed_messages_take_the_native_path(monkeypatch):
+    """copy_message is the native encode and decode for what the native side takes; the Python copy
+    is only for the rest (and for wording refusals)."""
+    taken = []
+    monkeypatch.setattr(codec, "_copy_message", lambda msg: taken.append(msg))
+    x = torch.randn(4, 3)
+    copy, nbytes = copy_message(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x))
+    assert not taken and torch.equal(copy.activation, x) and copy.activation.data_ptr() != x.data_ptr()
+    assert nbytes == len(encode_frame(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x)))
+    copy_message(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x.T))  # not contiguous
+    assert len(taken) == 1
