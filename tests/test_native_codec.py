@@ -56,6 +56,8 @@ def test_a_stale_native_build_of_another_format_is_not_used(monkeypatch):
     assert codec._load_native() is None
     monkeypatch.setattr(native, "WIRE_VERSION", codec.WIRE_VERSION)
     assert codec._load_native() is native
+    monkeypatch.setattr(native, "register", lambda *args: 0)  # a build that reads another layout
+    assert codec._load_native() is None
 
 
 # -- strategies --------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import struct
@@ -49,6 +50,8 @@ import torch
 from clicooper.allocator import byte_buffer
 from clicooper.finite import all_finite
 from clicooper.transport.messages import MESSAGE_TYPES, Header, Message
+
+log = logging.getLogger("clicooper.codec")
 
 WIRE_VERSION = 2  # 1 was a JSON header; a peer on another version is refused by name
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -315,8 +318,16 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 
 
 # what malformed input (or a buffer that is not flat bytes) raises inside decoding
-_DECODE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError)
-_DECODE_ERRORS += (BufferError, struct.error)
+_DECODE_ERRORS = (
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    RecursionError,
+    OverflowError,
+    BufferError,
+    struct.error,
+)
 
 
 def _reference_decode(data: bytes | bytearray | memoryview) -> Message:
@@ -473,9 +484,13 @@ def _load_native() -> ModuleType | None:
         return None  # a stale build of another format: never mix the two
     for layout in _LAYOUT_BY_ID:
         codes = "".join(_NATIVE_CODES[t] for _, t in layout.scalars)
-        size = _wire.register(layout.kind_id, layout.scalar_names, codes, len(layout.tensors))
+        try:
+            size = _wire.register(layout.kind_id, layout.scalar_names, codes, len(layout.tensors))
+        except ValueError:  # outside the native limits, or registered otherwise by another copy
+            size = -1
         if size != layout.fixed.size:
-            raise RuntimeError(f"_wire.c and codec.py disagree on the {layout.cls.KIND} layout")
+            log.warning("the native codec disagrees on the %s layout: Python codec only", layout.cls.KIND)
+            return None
     return _wire
 
 
