@@ -271,7 +271,9 @@ def _with_bits(dtype: torch.dtype, n: int, at: int | None, bits: int) -> torch.T
 @pytest.mark.parametrize("dtype", list(_BITS))
 def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
     """Every non-finite pattern (infinities, quiet and signalling NaNs, NaN payloads) and the
-    finite extremes, at each position of tensors whose lengths cover the vector loops' tails."""
+    finite extremes, at the first, middle and last position of tensors whose lengths cover the
+    vector loops' tails: checked in place by `parse` (a writable buffer) and as copied by
+    `copy_finite` (bytes from a network)."""
     _, bad, edge = _BITS[dtype]
     wire_id = codec._DTYPE_IDS[dtype]
     carrier = codec._DTYPE_BY_ID[wire_id].carrier
@@ -281,8 +283,11 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
                 t = _with_bits(dtype, n, at, bits)
                 expected = bool(torch.isfinite(t).all())
                 assert expected == (bits in edge)
+                frame = bytearray(
+                    codec._reference_frame(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=t))
+                )
+                assert (native.parse(frame) is not None) == expected, (n, at, hex(bits))
                 src = t.view(carrier).numpy()
-                assert native.all_finite(src, wire_id) == expected, (n, at, hex(bits))
                 dst = np.empty_like(src)
                 assert native.copy_finite(dst, src, 0, wire_id) == expected
                 assert dst.tobytes() == src.tobytes()

@@ -223,9 +223,7 @@ def encode(msg: Message) -> memoryview:
 def _reference_encode(msg: Message) -> memoryview:
     parts = _only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS)
     total = sum(len(p) for p in parts)
-    raw = byte_buffer(total + ALIGN)
-    start = -raw.ctypes.data % ALIGN
-    out = memoryview(raw)[start : start + total]
+    out = memoryview(_aligned_bytes(total))
     offset = 0
     for p in parts:  # memoryview slice assignment: one memcpy a part, no numpy call
         end = offset + len(p)
@@ -245,6 +243,14 @@ def encode_frame(msg: Message) -> bytes:
 
 def _reference_frame(msg: Message) -> bytes:
     return b"".join(_only_codec_errors(_wire_parts, msg, _ENCODE_ERRORS))
+
+
+def _aligned_bytes(nbytes: int) -> np.ndarray:
+    """`nbytes` uninitialised bytes from `byte_buffer`, starting on an ALIGN boundary (tensors
+    viewed in them must be aligned: see the layout above)."""
+    raw = byte_buffer(nbytes + ALIGN)
+    start = -raw.__array_interface__["data"][0] % ALIGN
+    return raw[start : start + nbytes]
 
 
 def _pad(n: int) -> int:
@@ -526,10 +532,7 @@ def _native_decode(data: bytes | bytearray | memoryview) -> Message | None:
     for name, (dtype_id, shape, offset, count) in zip(layout.tensors, specs, strict=True):
         dtype: _WireDtype = _DTYPE_BY_ID[dtype_id]  # type: ignore[assignment]
         if readonly:  # bytes from a network: copied once, checked as copied
-            nbytes = count * dtype.native.itemsize
-            raw = byte_buffer(nbytes + ALIGN)
-            start = -raw.__array_interface__["data"][0] % ALIGN
-            arr = raw[start : start + nbytes]
+            arr = _aligned_bytes(count * dtype.native.itemsize)
             if not _native.copy_finite(arr, data, offset, dtype_id):
                 return None
             arr = arr.view(dtype.native)
