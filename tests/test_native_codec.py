@@ -272,21 +272,26 @@ def _with_bits(dtype: torch.dtype, n: int, at: int | None, bits: int) -> torch.T
 def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
     """Every non-finite pattern (infinities, quiet and signalling NaNs, NaN payloads) and the
     finite extremes, at the first, middle and last position of tensors whose lengths cover the
-    vector loops' tails: checked in place by `parse` (a writable buffer) and as copied by
-    `copy_finite` (bytes from a network)."""
+    vector loops' tails: checked in place by `parse` (a writable buffer), as copied by
+    `copy_finite` (bytes from a network) and as packed by `copy` (delivery in one process)."""
     _, bad, edge = _BITS[dtype]
     wire_id = codec._DTYPE_IDS[dtype]
     carrier = codec._DTYPE_BY_ID[wire_id].carrier
+    layout = codec._LAYOUTS[Forward]
     for n in (1, 7, 8, 9, 31, 64, 65, 4097):
         for at in sorted({0, n // 2, n - 1}):
             for bits in bad + edge:
                 t = _with_bits(dtype, n, at, bits)
                 expected = bool(torch.isfinite(t).all())
                 assert expected == (bits in edge)
-                frame = bytearray(
-                    codec._reference_frame(Forward(header=Header("j", "a", "b", 0, 0, 1), activation=t))
-                )
-                assert (native.parse(frame) is not None) == expected, (n, at, hex(bits))
+                msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=t)
+                frame = bytearray(codec._reference_frame(msg))
+                parsed = native.parse(frame)
+                assert (parsed is not None) == expected, (n, at, hex(bits))
+                copied = native.copy(msg, layout.kind_id, codec._native_specs(msg, layout), codec.byte_buffer)
+                assert (copied is not None) == expected, (n, at, hex(bits))
+                if copied is not None:  # the bytes `pack` writes, read as `parse` reads them
+                    assert bytes(copied[0]) == bytes(frame) and copied[1] == parsed
                 src = t.view(carrier).numpy()
                 dst = np.empty_like(src)
                 assert native.copy_finite(dst, src, 0, wire_id) == expected
@@ -412,12 +417,15 @@ def test_pack_refuses_an_inconsistent_call():
         native.pack(msg, kind, ((1, arr),), lambda n: np.empty(n, np.float64))
     with pytest.raises(ValueError, match="flat byte buffer"):
         native.pack(msg, kind, ((1, arr),), lambda n: bytearray(n - 65))  # one byte short, however aligned
+    with pytest.raises(ValueError, match="alloc is required"):
+        native.copy(msg, kind, ((1, arr),), None)
+    assert native.copy(msg, kind, ((2, arr),), codec.byte_buffer) is None
 
 
 @needs_native
 def test_in_process_copies_of_well_typed_messages_take_the_native_path(monkeypatch):
-    """copy_message is the native encode and decode for what the native side takes; the Python copy
-    is only for the rest (and for wording refusals)."""
+    """copy_message is the native copy (encode, and decode without reading the tensors again) for
+    what the native side takes; the Python copy is only for the rest (and for wording refusals)."""
     taken = []
     monkeypatch.setattr(codec, "_copy_message", lambda msg: taken.append(msg))
     x = torch.randn(4, 3)

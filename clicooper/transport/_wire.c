@@ -12,6 +12,8 @@
  * - `pack(msg, kind_id, tensors, alloc)`: the bytes `codec.encode` (or `encode_frame`, alloc None)
  *   writes, or None for anything but exactly typed fields and C-contiguous tensors, which then take
  *   the Python path.
+ * - `copy(msg, kind_id, tensors, alloc)`: `parse(pack(...))` for delivery between parties in one
+ *   process, the tensors checked for finiteness while they are copied.
  * - `copy_finite(dst, src, offset, dtype_id)`: a copy of bytes from a network, checked for
  *   finiteness from the bits (exponent all ones) as it is copied; `parse` checks a writable
  *   buffer's tensors in place with the same check.
@@ -117,8 +119,9 @@ static int finite_bytes(int dtype_id, const uint8_t *p, size_t nbytes) {
     }
 }
 
-/* copy block by block, checking each block just after copying it (while it is in L1; measured no
- * faster here than a whole copy and then a whole check, and no slower) */
+/* copy block by block, checking each block just after copying it, while it is in L1: the copy is
+ * not read again from memory (timed warm, no faster than a whole copy and then a whole check, and
+ * no slower; in a running chain, where the copy has left the caches by the check, the faster) */
 static int copy_finite_bytes(int dtype_id, uint8_t *dst, const uint8_t *src, size_t nbytes) {
     int ok = 1;
     for (size_t at = 0; at < nbytes; at += CHUNK) {
@@ -141,8 +144,7 @@ static int all_zero(const uint8_t *p, size_t n) {
 /* The decoded fields of a valid message, (kind, (job_id, sender, receiver, round, step, seq),
  * scalars, ((dtype_id, shape, offset, count), ...), readonly), or Py_None (a new reference) when anything is invalid,
  * or NULL with an exception set when Python itself fails (out of memory). */
-static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly) {
-    int check_tensors = !readonly;
+static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, int check_tensors) {
     if (size > MAX_MESSAGE_BYTES || size < PREFIX_SIZE)
         Py_RETURN_NONE;
     uint64_t n = rd_u32(buf);
@@ -314,7 +316,7 @@ static PyObject *wire_parse(PyObject *self, PyObject *arg) {
         Py_RETURN_NONE;
     }
     /* a read-only buffer's tensors are checked later, while copy_finite copies them */
-    PyObject *parsed = parse_bytes(view.buf, (uint64_t)view.len, view.readonly);
+    PyObject *parsed = parse_bytes(view.buf, (uint64_t)view.len, view.readonly, !view.readonly);
     PyBuffer_Release(&view);
     return parsed;
 }
@@ -385,12 +387,10 @@ static int int_of(PyObject *obj, long long *out) {
 /* pack(msg, kind_id, tensors, alloc): tensors is a tuple of (dtype_id, C-contiguous buffer with
  * the tensor's shape), one per tensor field in order. With `alloc` (byte_buffer), returns a
  * writable memoryview of the message, 64-byte aligned in the array alloc(size + 64) returned;
- * without, the message as bytes. None when a field is not exactly what the fast path takes. */
-static PyObject *wire_pack(PyObject *self, PyObject *args) {
-    PyObject *msg, *tensor_specs, *alloc;
-    int kind;
-    if (!PyArg_ParseTuple(args, "OiO!O", &msg, &kind, &PyTuple_Type, &tensor_specs, &alloc))
-        return NULL;
+ * without, the message as bytes. None when a field is not exactly what the fast path takes, or
+ * (with `check`) a tensor is not finite. Sets *message and *message_len to the bytes written. */
+static PyObject *pack_impl(PyObject *msg, int kind, PyObject *tensor_specs, PyObject *alloc, int check,
+                           const uint8_t **message, uint64_t *message_len) {
     if (kind < 0 || kind >= MAX_KINDS || !layouts[kind].used)
         Py_RETURN_NONE;
     const Layout *L = &layouts[kind];
@@ -540,12 +540,20 @@ static PyObject *wire_pack(PyObject *self, PyObject *args) {
     /* the tensors, each padded */
     for (int t = 0; t < L->n_tensors; t++) {
         size_t len = (size_t)views[t].len, pad = (size_t)pad_of(len);
+        int finite = 1;
         Py_BEGIN_ALLOW_THREADS
-        memcpy(p, views[t].buf, len);
+        if (check)
+            finite = copy_finite_bytes(dtype_ids[t], p, views[t].buf, len);
+        else
+            memcpy(p, views[t].buf, len);
         Py_END_ALLOW_THREADS
+        if (!finite)
+            goto fallback;
         memset(p + len, 0, pad);
         p += len + pad;
     }
+    *message = out;
+    *message_len = total;
     if (alloc == Py_None) {
         result = raw;
         raw = NULL;
@@ -579,6 +587,43 @@ done:
     for (int i = 0; i < n_held; i++)
         Py_XDECREF(held[i]);
     return result;
+}
+
+static PyObject *wire_pack(PyObject *self, PyObject *args) {
+    PyObject *msg, *tensor_specs, *alloc;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OiO!O", &msg, &kind, &PyTuple_Type, &tensor_specs, &alloc))
+        return NULL;
+    const uint8_t *message;
+    uint64_t len;
+    return pack_impl(msg, kind, tensor_specs, alloc, 0, &message, &len);
+}
+
+/* copy(msg, kind_id, tensors, alloc): what parse(pack(msg, kind_id, tensors, alloc)) returns, as
+ * (memoryview, parsed), or None where either would. Delivery in one process: each tensor is checked
+ * for finiteness while it is copied, block by block in L1, so the copy is not read a second time
+ * (in a running chain that second read went to memory: BENCHMARKS.md); every other check of
+ * `parse` runs on the bytes written. */
+static PyObject *wire_copy(PyObject *self, PyObject *args) {
+    PyObject *msg, *tensor_specs, *alloc;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OiO!O", &msg, &kind, &PyTuple_Type, &tensor_specs, &alloc))
+        return NULL;
+    if (alloc == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "copy: alloc is required");
+        return NULL;
+    }
+    const uint8_t *message = NULL;
+    uint64_t len = 0;
+    PyObject *view = pack_impl(msg, kind, tensor_specs, alloc, 1, &message, &len);
+    if (view == NULL || view == Py_None)
+        return view;
+    PyObject *parsed = parse_bytes(message, len, 0, 0);
+    if (parsed == NULL || parsed == Py_None) {
+        Py_DECREF(view);
+        return parsed;
+    }
+    return Py_BuildValue("(NN)", view, parsed);
 }
 
 /* ---- layouts */
@@ -635,6 +680,7 @@ static PyMethodDef methods[] = {
     {"register", wire_register, METH_VARARGS, "register(kind_id, scalar_names, codes, n_tensors)"},
     {"parse", wire_parse, METH_O, "parse(data) -> (kind, header, scalars, tensors, readonly) or None"},
     {"pack", wire_pack, METH_VARARGS, "pack(msg, kind_id, tensors, alloc) -> memoryview, bytes or None"},
+    {"copy", wire_copy, METH_VARARGS, "copy(msg, kind_id, tensors, alloc) -> (memoryview, parsed) or None"},
     {"copy_finite", wire_copy_finite, METH_VARARGS, "copy_finite(dst, src, offset, dtype_id) -> bool"},
     {NULL, NULL, 0, NULL},
 };

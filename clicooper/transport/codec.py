@@ -424,9 +424,8 @@ def copy_message(msg: Message) -> tuple[Message, int]:
     decoded tensors view a buffer of their own): about a third faster than the copy below, which
     takes the rest and words every refusal (BENCHMARKS.md, "A native codec"). In Python alone the
     copy is the faster: it skips the byte buffer, about half a millisecond a message."""
-    out = _native_or_none(_native_pack, msg, byte_buffer) if _native is not None else None
-    if out is not None and (copy := _native_or_none(_native_decode, out)) is not None:
-        return copy, len(out)
+    if _native is not None and (copied := _native_or_none(_native_copy, msg)) is not None:
+        return copied
     stray = (TypeError, ValueError, AttributeError, RuntimeError, OverflowError)
     return _only_codec_errors(_copy_message, msg, stray)
 
@@ -504,8 +503,25 @@ def _native_pack(msg: Message, alloc: Callable[[int], np.ndarray] | None) -> mem
     """`encode` (with `alloc`) or `encode_frame` (without) in native code, for messages whose tensors
     are CPU tensors numpy can view; the native side declines anything not exactly typed."""
     layout = _LAYOUTS.get(type(msg))
-    if layout is None:
+    specs = _native_specs(msg, layout) if layout is not None else None
+    return None if specs is None else _native.pack(msg, layout.kind_id, specs, alloc)
+
+
+def _native_copy(msg: Message) -> tuple[Message, int] | None:
+    """`copy_message` in native code: `_native_decode(_native_pack(msg, byte_buffer))` with each tensor
+    checked for finiteness while it is copied rather than read again afterwards."""
+    layout = _LAYOUTS.get(type(msg))
+    specs = _native_specs(msg, layout) if layout is not None else None
+    copied = None if specs is None else _native.copy(msg, layout.kind_id, specs, byte_buffer)
+    if copied is None:
         return None
+    data, parsed = copied
+    out = _from_parsed(parsed, data)
+    return None if out is None else (out, len(data))
+
+
+def _native_specs(msg: Message, layout: _Layout) -> tuple[tuple[int, np.ndarray], ...] | None:
+    """(wire dtype id, numpy view) of each tensor field, or None for one the native side cannot read."""
     specs = []
     for name in layout.tensors:
         t = getattr(msg, name, None)
@@ -517,15 +533,19 @@ def _native_pack(msg: Message, alloc: Callable[[int], np.ndarray] | None) -> mem
             specs.append((dtype_id, (t.detach() if carrier is t.dtype else t.detach().view(carrier)).numpy()))
         except (RuntimeError, TypeError):  # a tensor numpy cannot view (conjugate, negative bits)
             return None
-    return _native.pack(msg, layout.kind_id, tuple(specs), alloc)
+    return tuple(specs)
 
 
 def _native_decode(data: bytes | bytearray | memoryview) -> Message | None:
     """`decode` in native code, or None when the native side refuses the bytes (then the reference
     decodes them and says why)."""
     parsed = _native.parse(data)
-    if parsed is None:
-        return None
+    return None if parsed is None else _from_parsed(parsed, data)
+
+
+def _from_parsed(parsed: tuple, data: bytes | bytearray | memoryview) -> Message | None:
+    """The message `_native.parse` read from `data`: tensors of a writable buffer view it (checked
+    already); those of a read-only one (bytes from a network) are copied and checked here."""
     kind_id, header, scalars, specs, readonly = parsed
     layout = _LAYOUT_BY_ID[kind_id]
     kwargs = dict(zip(layout.scalar_names, scalars, strict=True))
@@ -536,7 +556,7 @@ def _native_decode(data: bytes | bytearray | memoryview) -> Message | None:
             if not _native.copy_finite(arr, data, offset, dtype_id):
                 return None
             arr = arr.view(dtype.native)
-        else:  # a buffer this message alone owns: viewed without a copy (checked by parse)
+        else:  # a buffer this message alone owns: viewed without a copy (checked by parse or copy)
             arr = np.frombuffer(data, dtype=dtype.native, count=count, offset=offset)
         t = torch.from_numpy(arr.reshape(shape))
         kwargs[name] = t.view(dtype.torch) if dtype.torch is not dtype.carrier else t
