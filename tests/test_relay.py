@@ -174,3 +174,39 @@ def test_inconsistent_cut_points_in_config(digits):
         ChainJob(tiny_config(model={"cut_points": [1, 2], "n_trainers": 3}), digits, None)
     with pytest.raises(ValueError, match="cut.points"):
         ChainJob(tiny_config(model={"cut_points": [1, 1, 2]}), digits, None)
+
+
+def test_trainers_train_and_evaluate_their_segments_in_the_right_mode(digits):
+    """A trainer sets its segment's mode only when it changes; every submodule is still in training
+    mode for each training forward and in evaluation mode for each evaluation, round after round."""
+    cfg = tiny_config(training={"epochs": 2})
+    job = ChainJob(cfg, digits, None)
+    seen: list[tuple[bool, bool]] = []
+    for trainer in job.trainers:
+        for module in trainer.segment.modules():
+            module.register_forward_pre_hook(lambda m, _: seen.append((m.training, torch.is_grad_enabled())))
+    job.run()
+    assert {grad for _, grad in seen} == {True, False}  # both trained and evaluated
+    assert all(training == grad for training, grad in seen)
+
+
+def test_optimisers_are_fused_and_step_as_torch_unfused_ones():
+    from clicooper.build import make_optimizer
+
+    torch.manual_seed(0)
+    for name in ("sgd", "adam"):
+        cfg = tiny_config(training={"optimizer": name, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3})
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        fused = make_optimizer(params, cfg.training)
+        kwargs = {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")}
+        plain = type(fused)(twins, **kwargs, foreach=False)
+        assert fused.defaults["fused"] is True
+        for _ in range(3):
+            for p, q in zip(params, twins, strict=True):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            fused.step()
+            plain.step()
+        for p, q in zip(params, twins, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
