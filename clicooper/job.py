@@ -680,10 +680,7 @@ def train_centralized(
     on_step: StepCallback | None = None,
 ) -> tuple[RunSummary, nn.Sequential]:
     """The accuracy and speed reference: the same model, data order and optimiser, in one place."""
-    if model is None:
-        model, _ = build_model_and_plan(cfg.replace(privacy={"gamma": 1, "u_shaped": False}), data)
-    model = copy.deepcopy(model)
-    opt = make_optimizer(model.parameters(), cfg.training)
+    model, opt = centralized_setup(cfg, data, model)
     bs = cfg.training.batch_size
     epoch_times, t0, acc = [], time.perf_counter(), float("nan")
     lr_at = lr_schedule(cfg.training) or (lambda _: cfg.training.lr)  # the rate the chain's parties use
@@ -700,11 +697,7 @@ def train_centralized(
             if len(ids) == 0:
                 continue
             n_seen += len(ids)
-            loss = F.cross_entropy(model(data.train_x[ids]), data.train_y[ids])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(ids)
+            total += centralized_step(model, opt, data.train_x[ids], data.train_y[ids]) * len(ids)
             if on_step is not None:
                 on_step(step + 1, n_steps)
         epoch_times.append(time.perf_counter() - te)
@@ -732,6 +725,26 @@ def train_centralized(
     if run_dir is not None:
         atomic_write_json(run_dir / "summary.json", s.to_json())
     return s, model
+
+
+def centralized_setup(
+    cfg: JobConfig, data: DatasetSplits, model: nn.Sequential | None = None
+) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    """The reference's model (a copy of `model`, or the job's seeded one with the true classes as
+    outputs) and its optimiser."""
+    if model is None:
+        model, _ = build_model_and_plan(cfg.replace(privacy={"gamma": 1, "u_shaped": False}), data)
+    model = copy.deepcopy(model)
+    return model, make_optimizer(model.parameters(), cfg.training)
+
+
+def centralized_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimiser step of centralized training on the batch (x, y); returns its mean loss."""
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:

@@ -134,3 +134,14 @@ def test_wan_notes_compare_half_precision_links_only_where_a_float32_run_exists(
     notes = WanBench(pts, 128, 128, 3).notes()
     assert any("a, 1 micro-batches: bfloat16 links take 0.50 x" in n for n in notes)
     assert not any(n.startswith("b,") for n in notes)
+
+
+def test_relay_step_by_step_times_every_step_but_the_first():
+    from clicooper.bench.common import bench_config
+    from clicooper.bench.relay import step_interleaved
+    from clicooper.job import prepare_data
+
+    cfg = bench_config(True)  # 256 samples at batch 64: four steps
+    result = step_interleaved(cfg, prepare_data(cfg))
+    assert result.steps == 3
+    assert result.chain_s > 0 and result.centralized_s > 0 and result.ratio > 0
