@@ -178,7 +178,8 @@ def test_inconsistent_cut_points_in_config(digits):
 
 def test_trainers_train_and_evaluate_their_segments_in_the_right_mode(digits):
     """A trainer sets its segment's mode only when it changes; every submodule is still in training
-    mode for each training forward and in evaluation mode for each evaluation, round after round."""
+    mode for each training forward and in evaluation mode for each evaluation, round after round,
+    and after anything else switched a segment to evaluation between rounds."""
     cfg = tiny_config(training={"epochs": 2})
     job = ChainJob(cfg, digits, None)
     seen: list[tuple[bool, bool]] = []
@@ -188,6 +189,11 @@ def test_trainers_train_and_evaluate_their_segments_in_the_right_mode(digits):
     job.run()
     assert {grad for _, grad in seen} == {True, False}  # both trained and evaluated
     assert all(training == grad for training, grad in seen)
+    for trainer in job.trainers:
+        trainer.segment.eval()
+    seen.clear()
+    job.data_owner.train_round(2)
+    assert seen and all(training and grad for training, grad in seen)
 
 
 def test_optimisers_are_fused_and_step_as_torch_unfused_ones():
@@ -210,3 +216,24 @@ def test_optimisers_are_fused_and_step_as_torch_unfused_ones():
             plain.step()
         for p, q in zip(params, twins, strict=True):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_written_unfused_loads_into_a_fused_optimiser_as_fused():
+    """Checkpoints keep what an optimiser computes (its state and rates), not how: one written by an
+    unfused optimiser (before fusing, or by a torch without the kernels) leaves this one fused."""
+    from clicooper.build import make_optimizer
+    from clicooper.checkpoint import load_module_optimizer_state, module_optimizer_state
+
+    cfg = tiny_config(training={"optimizer": "sgd", "lr": 0.1, "momentum": 0.9})
+    old = torch.nn.Linear(3, 2)
+    old_opt = torch.optim.SGD(old.parameters(), lr=0.1, momentum=0.9)
+    for p in old.parameters():
+        p.grad = torch.ones_like(p)
+    old_opt.step()
+    tensors, meta = module_optimizer_state(old, old_opt)
+    new = torch.nn.Linear(3, 2)
+    new_opt = make_optimizer(new.parameters(), cfg.training)
+    load_module_optimizer_state(new, new_opt, tensors, meta)
+    assert new_opt.param_groups[0]["fused"] is True and old_opt.param_groups[0]["fused"] is None
+    for p, q in zip(new.parameters(), old.parameters(), strict=True):
+        assert torch.equal(new_opt.state[p]["momentum_buffer"], old_opt.state[q]["momentum_buffer"])

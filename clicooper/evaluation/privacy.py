@@ -414,10 +414,14 @@ def _scratch_rows(
 
 
 def _output_width(job: ChainJob, data: DatasetSplits) -> int:
+    segments = [job.data_owner.head, *(t.segment for t in job.trainers)]
+    modes = [s.training for s in segments]
+    x = data.test_x[:1]
     with torch.no_grad():
-        x = job.data_owner.head.eval()(data.test_x[:1])
-        for t in job.trainers:
-            x = t.segment.eval()(x)
+        for s in segments:
+            x = s.eval()(x)
+    for s, mode in zip(segments, modes, strict=True):  # left as found
+        s.train(mode)
     return x.shape[1]
 
 

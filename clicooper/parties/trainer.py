@@ -222,8 +222,9 @@ class Trainer(Party):
 
     def _set_mode(self, train: bool) -> None:
         """Training or evaluation mode, set only when it changes: `Module.train` walks every submodule
-        (tens of microseconds a call in a running chain, three calls a step)."""
-        if self._training_mode is not train:
+        (tens of microseconds a call in a running chain, a call a step). Set again when anything else
+        changed the segment's own flag since."""
+        if self._training_mode is not train or self.segment.training is not train:
             self.segment.train(train)
             self._training_mode = train
 
