@@ -128,7 +128,16 @@ def load_module_optimizer_state(
             state.setdefault(int(idx), {})[name] = v
     for idx, sc in om["scalars"].items():
         state.setdefault(int(idx), {}).update(sc)
+    live = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": om["param_groups"]})
+    for group, kept in zip(optimizer.param_groups, live, strict=True):
+        group.update(kept)
+
+
+# How an optimiser computes its step, not what it computes: kept as this process built it when a
+# checkpoint is loaded (a checkpoint written unfused, or by a torch without fused CPU kernels, would
+# otherwise switch a fused optimiser off, or on where it cannot run).
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
 def rng_state() -> torch.Tensor:
