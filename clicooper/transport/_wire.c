@@ -388,9 +388,8 @@ static int int_of(PyObject *obj, long long *out) {
  * the tensor's shape), one per tensor field in order. With `alloc` (byte_buffer), returns a
  * writable memoryview of the message, 64-byte aligned in the array alloc(size + 64) returned;
  * without, the message as bytes. None when a field is not exactly what the fast path takes, or
- * (with `check`) a tensor is not finite. Sets *message and *message_len to the bytes written. */
-static PyObject *pack_impl(PyObject *msg, int kind, PyObject *tensor_specs, PyObject *alloc, int check,
-                           const uint8_t **message, uint64_t *message_len) {
+ * (with `check`) a tensor is not finite. */
+static PyObject *pack_impl(PyObject *msg, int kind, PyObject *tensor_specs, PyObject *alloc, int check) {
     if (kind < 0 || kind >= MAX_KINDS || !layouts[kind].used)
         Py_RETURN_NONE;
     const Layout *L = &layouts[kind];
@@ -552,8 +551,6 @@ static PyObject *pack_impl(PyObject *msg, int kind, PyObject *tensor_specs, PyOb
         memset(p + len, 0, pad);
         p += len + pad;
     }
-    *message = out;
-    *message_len = total;
     if (alloc == Py_None) {
         result = raw;
         raw = NULL;
@@ -594,9 +591,7 @@ static PyObject *wire_pack(PyObject *self, PyObject *args) {
     int kind;
     if (!PyArg_ParseTuple(args, "OiO!O", &msg, &kind, &PyTuple_Type, &tensor_specs, &alloc))
         return NULL;
-    const uint8_t *message;
-    uint64_t len;
-    return pack_impl(msg, kind, tensor_specs, alloc, 0, &message, &len);
+    return pack_impl(msg, kind, tensor_specs, alloc, 0);
 }
 
 /* copy(msg, kind_id, tensors, alloc): what parse(pack(msg, kind_id, tensors, alloc)) returns, as
@@ -613,12 +608,11 @@ static PyObject *wire_copy(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "copy: alloc is required");
         return NULL;
     }
-    const uint8_t *message = NULL;
-    uint64_t len = 0;
-    PyObject *view = pack_impl(msg, kind, tensor_specs, alloc, 1, &message, &len);
+    PyObject *view = pack_impl(msg, kind, tensor_specs, alloc, 1);
     if (view == NULL || view == Py_None)
         return view;
-    PyObject *parsed = parse_bytes(message, len, 0, 0);
+    const Py_buffer *written = PyMemoryView_GET_BUFFER(view); /* the bytes, as the view holds them */
+    PyObject *parsed = parse_bytes(written->buf, (uint64_t)written->len, 0, 0);
     if (parsed == NULL || parsed == Py_None) {
         Py_DECREF(view);
         return parsed;

@@ -420,9 +420,10 @@ def copy_message(msg: Message) -> tuple[Message, int]:
     MAX_DIMS dimensions, MAX_MESSAGE_BYTES in all; finite tensors) and copies each tensor once, so that
     the receiver never shares memory with the sender. Raises only CodecError, as `decode` does.
 
-    With the native codec this is its encode and decode, for the messages it takes whole (their
-    decoded tensors view a buffer of their own): about a third faster than the copy below, which
-    takes the rest and words every refusal (BENCHMARKS.md, "A native codec"). In Python alone the
+    With the native codec this is its encode, each tensor checked as it is copied, and its decode
+    without a second read of the tensors, for the messages it takes whole (their decoded tensors
+    view a buffer of their own): faster than the copy below, which takes the rest and words every
+    refusal (BENCHMARKS.md, "A native codec" and "Delivery checked as it copies"). In Python alone the
     copy is the faster: it skips the byte buffer, about half a millisecond a message."""
     if _native is not None and (copied := _native_or_none(_native_copy, msg)) is not None:
         return copied
