@@ -734,7 +734,7 @@ def centralized_setup(
     outputs) and its optimiser."""
     if model is None:
         model, _ = build_model_and_plan(cfg.replace(privacy={"gamma": 1, "u_shaped": False}), data)
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).train()
     return model, make_optimizer(model.parameters(), cfg.training)
 
 

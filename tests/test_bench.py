@@ -136,12 +136,20 @@ def test_wan_notes_compare_half_precision_links_only_where_a_float32_run_exists(
     assert not any(n.startswith("b,") for n in notes)
 
 
-def test_relay_step_by_step_times_every_step_but_the_first():
+def test_relay_step_by_step_times_every_step_but_the_first(monkeypatch):
+    """The centralized step beside each chain step trains on that step's batch, in epoch order."""
+    from clicooper.bench import relay
     from clicooper.bench.common import bench_config
-    from clicooper.bench.relay import step_interleaved
     from clicooper.job import prepare_data
+    from clicooper.seeding import epoch_batches
 
     cfg = bench_config(True)  # 256 samples at batch 64: four steps
-    result = step_interleaved(cfg, prepare_data(cfg))
-    assert result.steps == 3
+    data = prepare_data(cfg)
+    labels: list[torch.Tensor] = []
+    step = relay.centralized_step
+    monkeypatch.setattr(relay, "centralized_step", lambda m, o, x, y: labels.append(y) or step(m, o, x, y))
+    result = relay.step_interleaved(cfg, data)
+    batches = epoch_batches(cfg.job.seed, 0, len(data.train_x), cfg.training.batch_size)
+    assert len(labels) == len(batches) == 4 and result.steps == 3
+    assert all(torch.equal(y, data.train_y[ids]) for y, ids in zip(labels, batches, strict=True))
     assert result.chain_s > 0 and result.centralized_s > 0 and result.ratio > 0
