@@ -121,7 +121,8 @@ static int finite_bytes(int dtype_id, const uint8_t *p, size_t nbytes) {
 
 /* copy block by block, checking each block just after copying it, while it is in L1: the copy is
  * not read again from memory (timed warm, no faster than a whole copy and then a whole check, and
- * no slower; in a running chain, where the copy has left the caches by the check, the faster) */
+ * no slower; in a running chain, where the copy has left the caches by the check, slightly faster:
+ * BENCHMARKS.md) */
 static int copy_finite_bytes(int dtype_id, uint8_t *dst, const uint8_t *src, size_t nbytes) {
     int ok = 1;
     for (size_t at = 0; at < nbytes; at += CHUNK) {
