@@ -277,7 +277,6 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
     _, bad, edge = _BITS[dtype]
     wire_id = codec._DTYPE_IDS[dtype]
     carrier = codec._DTYPE_BY_ID[wire_id].carrier
-    layout = codec._LAYOUTS[Forward]
     for n in (1, 7, 8, 9, 31, 64, 65, 4097):
         for at in sorted({0, n // 2, n - 1}):
             for bits in bad + edge:
@@ -288,7 +287,7 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
                 frame = bytearray(codec._reference_frame(msg))
                 parsed = native.parse(frame)
                 assert (parsed is not None) == expected, (n, at, hex(bits))
-                copied = native.copy(msg, layout.kind_id, codec._native_specs(msg, layout), codec.byte_buffer)
+                copied = native.copy(msg, *codec._native_args(msg), codec.byte_buffer)
                 assert (copied is not None) == expected, (n, at, hex(bits))
                 if copied is not None:  # the bytes `pack` writes, read as `parse` reads them
                     assert bytes(copied[0]) == bytes(frame) and copied[1] == parsed

@@ -503,17 +503,15 @@ def _load_native() -> ModuleType | None:
 def _native_pack(msg: Message, alloc: Callable[[int], np.ndarray] | None) -> memoryview | bytes | None:
     """`encode` (with `alloc`) or `encode_frame` (without) in native code, for messages whose tensors
     are CPU tensors numpy can view; the native side declines anything not exactly typed."""
-    layout = _LAYOUTS.get(type(msg))
-    specs = _native_specs(msg, layout) if layout is not None else None
-    return None if specs is None else _native.pack(msg, layout.kind_id, specs, alloc)
+    args = _native_args(msg)
+    return None if args is None else _native.pack(msg, *args, alloc)
 
 
 def _native_copy(msg: Message) -> tuple[Message, int] | None:
     """`copy_message` in native code: `_native_decode(_native_pack(msg, byte_buffer))` with each tensor
     checked for finiteness while it is copied rather than read again afterwards."""
-    layout = _LAYOUTS.get(type(msg))
-    specs = _native_specs(msg, layout) if layout is not None else None
-    copied = None if specs is None else _native.copy(msg, layout.kind_id, specs, byte_buffer)
+    args = _native_args(msg)
+    copied = None if args is None else _native.copy(msg, *args, byte_buffer)
     if copied is None:
         return None
     data, parsed = copied
@@ -521,8 +519,12 @@ def _native_copy(msg: Message) -> tuple[Message, int] | None:
     return None if out is None else (out, len(data))
 
 
-def _native_specs(msg: Message, layout: _Layout) -> tuple[tuple[int, np.ndarray], ...] | None:
-    """(wire dtype id, numpy view) of each tensor field, or None for one the native side cannot read."""
+def _native_args(msg: Message) -> tuple[int, tuple[tuple[int, np.ndarray], ...]] | None:
+    """What `pack` and `copy` take for `msg`: its kind id and the (wire dtype id, numpy view) of each
+    tensor field; None for a kind or a tensor the native side cannot read."""
+    layout = _LAYOUTS.get(type(msg))
+    if layout is None:
+        return None
     specs = []
     for name in layout.tensors:
         t = getattr(msg, name, None)
@@ -534,7 +536,7 @@ def _native_specs(msg: Message, layout: _Layout) -> tuple[tuple[int, np.ndarray]
             specs.append((dtype_id, (t.detach() if carrier is t.dtype else t.detach().view(carrier)).numpy()))
         except (RuntimeError, TypeError):  # a tensor numpy cannot view (conjugate, negative bits)
             return None
-    return tuple(specs)
+    return layout.kind_id, tuple(specs)
 
 
 def _native_decode(data: bytes | bytearray | memoryview) -> Message | None:
