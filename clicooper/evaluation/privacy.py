@@ -15,6 +15,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from clicooper.attacks import (  # noqa: E402
     train_inverse_decoder,
     whitebox_inversion,
 )
-from clicooper.attacks.inversion import _seeded  # noqa: E402
+from clicooper.attacks.inversion import _frozen, _seeded  # noqa: E402
 from clicooper.config import NO_DEFENCES, JobConfig  # noqa: E402
 from clicooper.data import DatasetSplits  # noqa: E402
 from clicooper.evaluation.report import Report  # noqa: E402
@@ -415,13 +416,11 @@ def _scratch_rows(
 
 def _output_width(job: ChainJob, data: DatasetSplits) -> int:
     segments = [job.data_owner.head, *(t.segment for t in job.trainers)]
-    modes = [s.training for s in segments]
     x = data.test_x[:1]
-    with torch.no_grad():
-        for s in segments:
-            x = s.eval()(x)
-    for s, mode in zip(segments, modes, strict=True):  # left as found
-        s.train(mode)
+    with torch.no_grad(), ExitStack() as stack:
+        for s in segments:  # evaluated, and left as found
+            stack.enter_context(_frozen(s))
+            x = s(x)
     return x.shape[1]
 
 
