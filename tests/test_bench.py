@@ -153,3 +153,21 @@ def test_relay_step_by_step_times_every_step_but_the_first(monkeypatch):
     assert len(labels) == len(batches) == 4 and result.steps == 3
     assert all(torch.equal(y, data.train_y[ids]) for y, ids in zip(labels, batches, strict=True))
     assert result.chain_s > 0 and result.centralized_s > 0 and result.ratio > 0
+    assert result.block_ratios == pytest.approx([result.ratio])  # three steps: one block
+
+
+def test_relay_block_ratios_cover_every_step_once():
+    """Blocks of 50 paired steps, the short tail joined to the last full block, each its own ratio."""
+    from clicooper.bench.relay import StepInterleaved, block_ratios
+
+    chain = [2.0] * 100 + [3.0] * 37
+    centralized = [1.0] * 137
+    assert block_ratios(chain, centralized) == pytest.approx([2.0, (50 * 2 + 37 * 3) / 87])
+    assert block_ratios([1.5] * 30, [1.0] * 30) == pytest.approx([1.5])  # fewer than a block: one
+    assert block_ratios([], []) == []
+    b = StepInterleaved(8.0, 7.0, 200, 1.0, 1.0, block_ratios([1.1] * 100 + [1.2] * 100, [1.0] * 200))
+    assert b.block_ratios == pytest.approx([1.1, 1.1, 1.2, 1.2])
+    assert "4 blocks of 50 steps or more" in b.spread() and "range 1.100-1.200" in b.spread()
+    spread = StepInterleaved(1.0, 1.0, 400, 1.0, 1.0, [1.0, 1.2, 1.1, 1.4, 1.3, 1.5, 1.6, 1.7]).spread()
+    assert "median 1.350, quartiles 1.125-1.575, range 1.000-1.700" in spread
+    assert StepInterleaved(1.0, 1.0, 3, 1.0, 1.0, [1.0]).spread() == ""

@@ -9,6 +9,7 @@ alike; the sums of the step times give the ratio of the two epochs' training tim
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -24,21 +25,48 @@ from clicooper.schedule import set_lr
 from clicooper.seeding import epoch_batches
 from clicooper.transport import InProcTransport
 
+BLOCK_STEPS = 50  # steps per block of the step-by-step reading's spread
+
 
 @dataclass
 class StepInterleaved:
     """One chain epoch with a centralized step on the same batch between each two of its steps; the
-    chain's first step (which opens the round) and the centralized step beside it are left out."""
+    chain's first step (which opens the round) and the centralized step beside it are left out.
+
+    `block_ratios` read the same ratio over consecutive blocks of BLOCK_STEPS steps (the last,
+    shorter block joined to the one before): how far it moves within the run, for a reader to judge
+    a figure near a target by."""
 
     chain_s: float  # the chain's steps, summed
     centralized_s: float  # the centralized steps on the same batches, summed
     steps: int
     chain_median_ms: float
     centralized_median_ms: float
+    block_ratios: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         return self.chain_s / self.centralized_s
+
+    def spread(self) -> str:
+        """The block ratios' quartiles and range, or '' with fewer than four blocks."""
+        if len(self.block_ratios) < 4:
+            return ""
+        q1, q2, q3 = statistics.quantiles(self.block_ratios, n=4)
+        lo, hi = min(self.block_ratios), max(self.block_ratios)
+        return (
+            f"{len(self.block_ratios)} blocks of {BLOCK_STEPS} steps or more: median {q2:.3f}, "
+            f"quartiles {q1:.3f}-{q3:.3f}, range {lo:.3f}-{hi:.3f}"
+        )
+
+
+def block_ratios(chain: list[float], centralized: list[float], block: int = BLOCK_STEPS) -> list[float]:
+    """sum(chain) / sum(centralized) over consecutive blocks of `block` paired steps; a last block
+    shorter than `block` is joined to the one before (one block if there are fewer steps)."""
+    n = len(chain)
+    starts = list(range(0, max(n - block, 0) + 1, block)) if n >= block else [0]
+    ends = [*starts[1:], n]
+    return [sum(chain[a:b]) / sum(centralized[a:b]) for a, b in zip(starts, ends, strict=True) if b > a]
 
 
 @dataclass
@@ -87,10 +115,14 @@ class RelayBench:
 
     def notes(self) -> list[str]:
         best = min(self.chain_s, key=self.ratio)
-        return [
+        notes = [
             f"ratio chain / centralized: {self.ratio(best):.3f} at {best} thread(s) (target <= 1.10); "
             f"step by step {self.by_step[best].ratio:.3f}"
         ]
+        for n, b in self.by_step.items():
+            if b.spread():
+                notes.append(f"step by step at {n} thread(s), {b.spread()}")
+        return notes
 
 
 def chain_epoch(
@@ -126,7 +158,12 @@ def step_interleaved(cfg: JobConfig, data: DatasetSplits) -> StepInterleaved:
 
     ChainJob(cfg, data, None).data_owner.train_round(0, on_step=between)
     return StepInterleaved(
-        sum(chain), sum(centralized), len(chain), 1e3 * median(chain), 1e3 * median(centralized)
+        sum(chain),
+        sum(centralized),
+        len(chain),
+        1e3 * median(chain),
+        1e3 * median(centralized),
+        block_ratios(chain, centralized),
     )
 
 
