@@ -110,6 +110,10 @@ def test_cli_writes_json(tmp_path):
     doc = json.loads((tmp_path / "codec.json").read_text())
     assert doc["benchmark"] == "codec" and len(doc["sizes"]) == 2
     assert all(row["read_s"] > 0 for row in doc["sizes"])  # the floor's read is timed at every size
+    for when in ("machine_at_start", "machine"):  # the load average before the run and after it
+        assert len(doc[when]["load_avg"]) == 3 and doc[when]["torch_threads"] == 1
+    printed = " ".join(res.output.split())  # rich wraps the machine line at the console's width
+    assert f"load average {doc['machine_at_start']['load_avg'][0]}" in printed
 
 
 def test_pipeline_model_uses_the_bubble_fraction():

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from clicooper.allocator import keep_freed_memory
-from clicooper.bench.common import write_json
+from clicooper.bench.common import machine_info, write_json
 from clicooper.bench.report import machine_line, render
 from clicooper.bench.suite import BENCHMARKS, Benchmark, Options
 
@@ -33,12 +33,13 @@ def _run(benches: list[Benchmark], o: Options, out: Path | None) -> None:
     if o.threads is not None:
         torch.set_num_threads(o.threads)
     keep_freed_memory()  # as every party process does by default (`job.keep_freed_memory`)
-    console.print(machine_line(), highlight=False)
     for b in benches:
+        started = machine_info()  # the load average before this benchmark, not one of its own
+        console.print(machine_line(started), highlight=False)
         result = b.run(o)
         render(result, console)
         if out is not None:
-            console.print(f"  -> {write_json(result, out)}", highlight=False)
+            console.print(f"  -> {write_json(result, out, started)}", highlight=False)
 
 
 def _command(b: Benchmark) -> None:

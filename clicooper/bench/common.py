@@ -76,16 +76,20 @@ def bench_config(quick: bool, **sections: dict) -> JobConfig:
     return cfg.replace(**sections) if sections else cfg
 
 
-def to_json(result: object) -> dict[str, Any]:
-    """A result dataclass as JSON, with the machine it ran on."""
+def to_json(result: object, started: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A result dataclass as JSON, with the machine it ran on: `machine` as the run ends and, given
+    `started` (`machine_info()` taken before the run), `machine_at_start`. A load average read at
+    the end also counts the run's own processes; the one read at the start says whether other
+    work shared the machine."""
     assert dataclasses.is_dataclass(result)
-    return {"benchmark": result.name, "machine": machine_info(), **dataclasses.asdict(result)}
+    at_start = {} if started is None else {"machine_at_start": started}
+    return {"benchmark": result.name, **at_start, "machine": machine_info(), **dataclasses.asdict(result)}
 
 
-def write_json(result: object, out_dir: Path) -> Path:
+def write_json(result: object, out_dir: Path, started: dict[str, Any] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{result.name}.json"
-    path.write_text(json.dumps(to_json(result), indent=2, default=str) + "\n")
+    path.write_text(json.dumps(to_json(result, started), indent=2, default=str) + "\n")
     return path
 
 

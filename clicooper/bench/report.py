@@ -19,8 +19,9 @@ def render(result: BenchResult, console: Console) -> None:
         console.print(f"  {note}", highlight=False)
 
 
-def machine_line() -> str:
-    m = machine_info()
+def machine_line(m: dict | None = None) -> str:
+    """`machine_info()` (or `m`, taken earlier) in one line."""
+    m = machine_info() if m is None else m
     return (
         f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
         f"Python {m['python']}, load average {m['load_avg'][0]}"
