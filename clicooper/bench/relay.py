@@ -64,7 +64,7 @@ def block_ratios(chain: list[float], centralized: list[float], block: int = BLOC
     """sum(chain) / sum(centralized) over consecutive blocks of `block` paired steps; a last block
     shorter than `block` is joined to the one before (one block if there are fewer steps)."""
     n = len(chain)
-    starts = list(range(0, max(n - block, 0) + 1, block)) if n >= block else [0]
+    starts = list(range(0, n - block + 1, block)) if n >= block else [0]
     ends = [*starts[1:], n]
     return [sum(chain[a:b]) / sum(centralized[a:b]) for a, b in zip(starts, ends, strict=True) if b > a]
 
@@ -120,8 +120,8 @@ class RelayBench:
             f"step by step {self.by_step[best].ratio:.3f}"
         ]
         for n, b in self.by_step.items():
-            if b.spread():
-                notes.append(f"step by step at {n} thread(s), {b.spread()}")
+            if spread := b.spread():
+                notes.append(f"step by step at {n} thread(s), {spread}")
         return notes
 
 
