@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clicooper.transport import CodecError, Forward, Header, codec, copy_message, decode, encode, encode_frame
-from clicooper.transport.messages import MESSAGE_TYPES, Message
+from clicooper.transport.messages import MESSAGE_TYPES, Backward, Message
 from tests.strategies import WIRE_DTYPES, tensors
 
 native = codec._native
@@ -125,6 +125,13 @@ def frames(draw) -> bytes:
 # -- comparisons -------------------------------------------------------------------------------
 def _bytes(t: torch.Tensor) -> bytes:
     return bytes(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _same_parse(a: tuple, b: tuple) -> bool:
+    """Two results of the native `parse` (or `copy`'s second part) alike: the kind, the fields set on
+    the message it built (its header and scalars: codec.py sets the tensors) and the tensor specs."""
+    (kind_a, msg_a, *rest_a), (kind_b, msg_b, *rest_b) = a, b
+    return kind_a == kind_b and type(msg_a) is type(msg_b) and vars(msg_a) == vars(msg_b) and rest_a == rest_b
 
 
 def _same_message(a: Message, b: Message) -> bool:
@@ -290,7 +297,7 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
                 copied = native.copy(msg, *codec._native_args(msg), codec.byte_buffer)
                 assert (copied is not None) == expected, (n, at, hex(bits))
                 if copied is not None:  # the bytes `pack` writes, read as `parse` reads them
-                    assert bytes(copied[0]) == bytes(frame) and copied[1] == parsed
+                    assert bytes(copied[0]) == bytes(frame) and _same_parse(copied[1], parsed)
                 src = t.view(carrier).numpy()
                 dst = np.empty_like(src)
                 assert native.copy_finite(dst, src, 0, wire_id) == expected
@@ -342,6 +349,59 @@ def test_forward_messages_from_the_native_path_are_usable_tensors():
             out += 1  # writable: the receiver owns it
 
 
+@pytest.mark.parametrize("kind", list(MESSAGE_TYPES.values()))
+def test_decoded_messages_are_the_dataclasses_their_constructor_builds(kind):
+    """The native decoder builds messages and headers without their `__init__`: what it returns is
+    still the frozen dataclass, equal and hashing alike field by field, whatever the path."""
+    msg = kind(header=Header("j", "a", "b", 1, 2, 3))
+    for out in (decode(encode(msg)), decode(encode_frame(msg)), copy_message(msg)[0]):
+        assert type(out) is kind and _same_message(out, msg)
+        assert out.header == msg.header and hash(out.header) == hash(msg.header)
+        assert repr(out.header) == repr(msg.header)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            out.header.step = 9  # type: ignore[misc]
+        assert _same_message(
+            dataclasses.replace(out, header=Header("j", "a", "b", 4, 5, 6)),
+            dataclasses.replace(msg, header=Header("j", "a", "b", 4, 5, 6)),
+        )
+
+
+def test_only_plain_wire_dataclasses_are_built_without_their_init():
+    """`_fills_directly` (which every message kind must pass, or the native codec is not used) refuses
+    what building without `__init__` would get wrong."""
+    assert all(codec._fills_directly(c) for c in (Header, *MESSAGE_TYPES.values()))
+
+    @dataclasses.dataclass(frozen=True)
+    class Checked(Forward):
+        def __post_init__(self) -> None:  # a check the native decoder would skip
+            raise AssertionError
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Slotted(Forward):
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class OffTheWire(Forward):
+        note: list = dataclasses.field(default_factory=list)  # no place on the wire: its default
+
+    for cls in (Checked, Slotted, OffTheWire, object):
+        assert not codec._fills_directly(cls), cls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_tensor_with_a_negative_bit_travels_as_its_values(dtype):
+    """A negated view (its negative bit set) is encoded as the values it holds, on both paths (the
+    Python reference once raised a RuntimeError from torch for it)."""
+    x = torch.randn(4, 3).to(dtype)
+    header = Header("j", "a", "b", 0, 0, 1)
+    negated = Forward(header=header, activation=torch._neg_view(x))
+    resolved = _reference_frame(Forward(header=header, activation=-x))
+    assert _reference_frame(negated) == resolved and bytes(encode(negated)) == resolved
+    if native is not None:
+        assert codec._native_pack(negated, None) == resolved
+    assert torch.equal(decode(encode_frame(negated)).activation, -x)
+
+
 # -- found in review: hostile shapes, odd buffers, a layout changed under a call ----------------
 def _empty_with_huge_dimensions() -> bytes:
     """A valid empty activation whose other dimensions are as large as the limit allows: valid on
@@ -388,16 +448,21 @@ def test_a_registered_layout_never_changes():
     registration that would change it under them is refused; the same one again is accepted."""
     layout = codec._LAYOUTS[Forward]
     codes = "".join(codec._NATIVE_CODES[t] for _, t in layout.scalars)
-    assert native.register(layout.kind_id, layout.scalar_names, codes, 1) == layout.fixed.size
+    assert native.register(layout.kind_id, Forward, layout.scalar_names, codes, 1) == layout.fixed.size
     with pytest.raises(ValueError, match="another layout"):
-        native.register(layout.kind_id, layout.scalar_names, codes, 2)
+        native.register(layout.kind_id, Forward, layout.scalar_names, codes, 2)
     with pytest.raises(ValueError, match="another layout"):
-        native.register(layout.kind_id, tuple(f"x{i}" for i in range(len(codes))), codes, 1)
+        native.register(layout.kind_id, Forward, tuple(f"x{i}" for i in range(len(codes))), codes, 1)
+    with pytest.raises(ValueError, match="another layout"):  # the same fields, another class
+        native.register(layout.kind_id, Backward, layout.scalar_names, codes, 1)
+    native.header_class(Header)  # the same header class again
+    with pytest.raises(ValueError, match="the same one every time"):
+        native.header_class(Forward)
 
     class Sneaky(Forward):
         @property
         def header(self):  # re-registers the kind mid-call
-            native.register(layout.kind_id, (), "", 32)
+            native.register(layout.kind_id, Forward, (), "", 32)
             return Header("j", "a", "b", 0, 0, 1)
 
     msg = object.__new__(Sneaky)

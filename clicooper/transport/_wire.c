@@ -6,7 +6,8 @@
  * that work in C for the messages it can take, and nothing else:
  *
  * - `parse(data)`: every check `codec._decode` makes on a peer's bytes, in one pass, returning the
- *   decoded fields, or None when anything is wrong. codec.py then runs the Python decoder on the
+ *   message built but for its tensors (where they are and what they hold), or None when anything is
+ *   wrong. codec.py then runs the Python decoder on the
  *   same bytes, which raises the precise CodecError: error messages have one source, and the tests
  *   check that both decoders accept exactly the same inputs.
  * - `pack(msg, kind_id, tensors, alloc)`: the bytes `codec.encode` (or `encode_frame`, alloc None)
@@ -33,6 +34,7 @@
 #endif
 
 #define WIRE_VERSION 2
+#define NATIVE_API 2            /* what codec.py expects of these functions: 1 returned tuples from parse */
 #define MAX_MESSAGE_BYTES ((uint64_t)512 * 1024 * 1024)
 #define MAX_HEADER_BYTES ((uint64_t)1024 * 1024)
 #define MAX_DIMS 8
@@ -49,6 +51,7 @@
  * 'q' int (i64), 'd' float (f64), 'b' bool (u8 0/1), 's' str (u32 byte length). */
 typedef struct {
     int used;
+    PyObject *cls; /* the message's dataclass */
     int n_scalars;
     char codes[MAX_FIELDS];
     PyObject *names[MAX_FIELDS];
@@ -59,6 +62,8 @@ typedef struct {
 static Layout layouts[MAX_KINDS];
 static PyObject *header_names[HEADER_COUNTERS + HEADER_TEXTS]; /* job_id, sender, receiver, round, step, seq */
 static PyObject *str_header;
+static PyObject *header_cls;  /* messages.Header, set by `header_class` */
+static PyObject *empty_tuple;
 
 /* Wire dtype ids (codec._WIRE_DTYPES, counted from 1): float32, float64, float16, bfloat16, int64,
  * int32, uint8. Finiteness is checked for the floating ones. */
@@ -142,9 +147,29 @@ static int all_zero(const uint8_t *p, size_t n) {
 
 /* ---- decoding */
 
-/* The decoded fields of a valid message, (kind, (job_id, sender, receiver, round, step, seq),
- * scalars, ((dtype_id, shape, offset, count), ...), readonly), or Py_None (a new reference) when anything is invalid,
- * or NULL with an exception set when Python itself fails (out of memory). */
+/* An instance of the dataclass `cls` built as codec.py's `_fills_directly` allows: made by
+ * `object.__new__`, its `n` fields `names` set to `values` (borrowed) in its __dict__, without the
+ * dataclass's `__init__` (which sets each field of a frozen dataclass through `object.__setattr__`:
+ * in Python, after a megabyte-sized tensor had swept the caches, that cost a tenth of a 1 MB round
+ * trip). New reference, or NULL with an exception set. */
+static PyObject *filled(PyObject *cls, PyObject *const *names, PyObject *const *values, int n) {
+    PyObject *obj = PyBaseObject_Type.tp_new((PyTypeObject *)cls, empty_tuple, NULL);
+    if (!obj)
+        return NULL;
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    int ok = dict != NULL;
+    for (int i = 0; ok && i < n; i++)
+        ok = PyDict_SetItem(dict, names[i], values[i]) == 0;
+    Py_XDECREF(dict);
+    if (!ok)
+        Py_CLEAR(obj);
+    return obj;
+}
+
+/* A valid message as (kind, message, ((dtype_id, shape, offset, count), ...), readonly): the message
+ * with its header and scalar fields, its tensor fields for codec.py to set from the specs; or Py_None
+ * (a new reference) when anything is invalid, or NULL with an exception set when Python itself
+ * fails (out of memory). */
 static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, int check_tensors) {
     if (size > MAX_MESSAGE_BYTES || size < PREFIX_SIZE)
         Py_RETURN_NONE;
@@ -246,7 +271,12 @@ static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, in
 
     /* valid so far: build the Python objects (the strings' UTF-8 is checked here) */
     PyObject *texts[HEADER_TEXTS + MAX_FIELDS] = {0};
-    PyObject *header = NULL, *scalars = NULL, *tensors = NULL, *result = NULL;
+    PyObject *counter_objs[HEADER_COUNTERS] = {0};
+    PyObject *fields[1 + MAX_FIELDS] = {0}; /* the message's: its header, then its scalars */
+    int n_fields = 0;
+    PyObject *header = NULL, *msg = NULL, *tensors = NULL, *result = NULL;
+    if (!header_cls || !L->cls)
+        Py_RETURN_NONE; /* not registered: the Python path decodes */
     at = (uint64_t)L->fixed_size;
     for (int i = 0; i < n_texts; i++) {
         texts[i] = PyUnicode_DecodeUTF8((const char *)buf + at, (Py_ssize_t)text_len[i], "strict");
@@ -259,12 +289,15 @@ static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, in
             goto fail;
         }
     }
-    header = Py_BuildValue("(OOOLLL)", texts[0], texts[1], texts[2], (long long)counters[0],
-                           (long long)counters[1], (long long)counters[2]);
-    scalars = PyTuple_New(L->n_scalars);
+    PyObject *header_values[HEADER_TEXTS + HEADER_COUNTERS] = {texts[0], texts[1], texts[2]};
+    for (int i = 0; i < HEADER_COUNTERS; i++)
+        if (!(header_values[HEADER_TEXTS + i] = counter_objs[i] = PyLong_FromLongLong(counters[i])))
+            goto fail;
+    header = filled(header_cls, header_names, header_values, HEADER_TEXTS + HEADER_COUNTERS);
     tensors = PyTuple_New(L->n_tensors);
-    if (!header || !scalars || !tensors)
+    if (!header || !tensors)
         goto fail;
+    fields[n_fields++] = Py_NewRef(header);
     int next_text = HEADER_TEXTS;
     for (int i = 0; i < L->n_scalars; i++) {
         PyObject *v = NULL;
@@ -276,8 +309,13 @@ static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, in
         }
         if (!v)
             goto fail;
-        PyTuple_SET_ITEM(scalars, i, v);
+        fields[n_fields++] = v;
     }
+    PyObject *field_names[1 + MAX_FIELDS] = {str_header};
+    for (int i = 0; i < L->n_scalars; i++)
+        field_names[1 + i] = L->names[i];
+    if (!(msg = filled(L->cls, field_names, fields, n_fields)))
+        goto fail;
     for (int t = 0; t < L->n_tensors; t++) {
         PyObject *shape = PyTuple_New(ndims[t]);
         if (!shape)
@@ -296,12 +334,16 @@ static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, in
             goto fail;
         PyTuple_SET_ITEM(tensors, t, spec);
     }
-    result = Py_BuildValue("(iOOOO)", kind, header, scalars, tensors, readonly ? Py_True : Py_False);
+    result = Py_BuildValue("(iOOO)", kind, msg, tensors, readonly ? Py_True : Py_False);
 fail:
     for (int i = 0; i < n_texts; i++)
         Py_XDECREF(texts[i]);
+    for (int i = 0; i < HEADER_COUNTERS; i++)
+        Py_XDECREF(counter_objs[i]);
+    for (int i = 0; i < n_fields; i++)
+        Py_XDECREF(fields[i]);
     Py_XDECREF(header);
-    Py_XDECREF(scalars);
+    Py_XDECREF(msg);
     Py_XDECREF(tensors);
     return result;
 }
@@ -623,12 +665,23 @@ static PyObject *wire_copy(PyObject *self, PyObject *args) {
 
 /* ---- layouts */
 
-/* register(kind_id, scalar_names, codes, n_tensors): a message kind's fixed part */
+/* header_class(cls): the class of every message's header (messages.Header), set once */
+static PyObject *wire_header_class(PyObject *self, PyObject *cls) {
+    if (!PyType_Check(cls) || (header_cls && header_cls != cls)) {
+        PyErr_SetString(PyExc_ValueError, "header_class: a class, the same one every time");
+        return NULL;
+    }
+    if (!header_cls)
+        header_cls = Py_NewRef(cls);
+    Py_RETURN_NONE;
+}
+
+/* register(kind_id, cls, scalar_names, codes, n_tensors): a message kind's class and fixed part */
 static PyObject *wire_register(PyObject *self, PyObject *args) {
     int kind, n_tensors;
-    PyObject *names;
+    PyObject *cls, *names;
     const char *codes;
-    if (!PyArg_ParseTuple(args, "iO!si", &kind, &PyTuple_Type, &names, &codes, &n_tensors))
+    if (!PyArg_ParseTuple(args, "iO!O!si", &kind, &PyType_Type, &cls, &PyTuple_Type, &names, &codes, &n_tensors))
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(names);
     if (kind < 0 || kind >= MAX_KINDS || n > MAX_FIELDS || (Py_ssize_t)strlen(codes) != n ||
@@ -636,7 +689,7 @@ static PyObject *wire_register(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "register: a layout outside the native codec's limits");
         return NULL;
     }
-    Layout L = {.used = 1, .n_scalars = (int)n, .n_tensors = n_tensors};
+    Layout L = {.used = 1, .cls = cls, .n_scalars = (int)n, .n_tensors = n_tensors};
     L.fixed_size = PREFIX_SIZE + 8 * HEADER_COUNTERS + 4 * HEADER_TEXTS + (Py_ssize_t)n_tensors * TENSOR_SLOT;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t size = scalar_size(codes[i]);
@@ -652,7 +705,7 @@ static PyObject *wire_register(PyObject *self, PyObject *args) {
      * (getters, the allocator) runs, which could otherwise register it again under them. */
     const Layout *old = &layouts[kind];
     if (old->used) {
-        int same = old->n_scalars == L.n_scalars && old->n_tensors == L.n_tensors;
+        int same = old->cls == L.cls && old->n_scalars == L.n_scalars && old->n_tensors == L.n_tensors;
         for (int i = 0; same && i < L.n_scalars; i++) {
             int eq = PyUnicode_Compare(old->names[i], L.names[i]);
             if (eq == -1 && PyErr_Occurred())
@@ -667,13 +720,15 @@ static PyObject *wire_register(PyObject *self, PyObject *args) {
     }
     for (int i = 0; i < L.n_scalars; i++)
         Py_INCREF(L.names[i]);
+    Py_INCREF(L.cls);
     layouts[kind] = L;
     return PyLong_FromSsize_t(L.fixed_size); /* codec.py checks it against its struct's size */
 }
 
 static PyMethodDef methods[] = {
-    {"register", wire_register, METH_VARARGS, "register(kind_id, scalar_names, codes, n_tensors)"},
-    {"parse", wire_parse, METH_O, "parse(data) -> (kind, header, scalars, tensors, readonly) or None"},
+    {"header_class", wire_header_class, METH_O, "header_class(cls)"},
+    {"register", wire_register, METH_VARARGS, "register(kind_id, cls, scalar_names, codes, n_tensors)"},
+    {"parse", wire_parse, METH_O, "parse(data) -> (kind, message, tensors, readonly) or None"},
     {"pack", wire_pack, METH_VARARGS, "pack(msg, kind_id, tensors, alloc) -> memoryview, bytes or None"},
     {"copy", wire_copy, METH_VARARGS, "copy(msg, kind_id, tensors, alloc) -> (memoryview, parsed) or None"},
     {"copy_finite", wire_copy_finite, METH_VARARGS, "copy_finite(dst, src, offset, dtype_id) -> bool"},
@@ -693,12 +748,13 @@ PyMODINIT_FUNC PyInit__wire(void) {
     for (int i = 0; i < HEADER_COUNTERS + HEADER_TEXTS; i++)
         if (!(header_names[i] = PyUnicode_InternFromString(names[i])))
             return NULL;
-    if (!(str_header = PyUnicode_InternFromString("header")))
+    if (!(str_header = PyUnicode_InternFromString("header")) || !(empty_tuple = PyTuple_New(0)))
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "WIRE_VERSION", WIRE_VERSION) < 0 ||
               PyModule_AddIntConstant(m, "MAX_DIMS", MAX_DIMS) < 0 ||
-              PyModule_AddIntConstant(m, "ALIGN", ALIGN) < 0)) {
+              PyModule_AddIntConstant(m, "ALIGN", ALIGN) < 0 ||
+              PyModule_AddIntConstant(m, "NATIVE_API", NATIVE_API) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -24,8 +24,8 @@ finite tensors. `decode` raises `CodecError` and nothing else, whatever the byte
 Two implementations share this format. The Python one in this file is the reference: it decides
 what is valid and words every error. The native one (`_wire.c`, built at install where a C
 compiler is found) takes the common case, exactly typed fields and contiguous CPU tensors, with
-the per-message work in C and the finiteness check read from the bits, fused with the copy where
-there is one. It writes the same bytes and accepts exactly the bytes the reference accepts (the
+the per-message work in C (decoded messages and headers are built there too) and the finiteness
+check read from the bits, fused with the copy where there is one. It writes the same bytes and accepts exactly the bytes the reference accepts (the
 tests check both on valid, mutated and random messages); whenever it declines, or refuses a
 message, the reference runs on the same input, so that a refusal always carries the reference's
 error. `CLICOOPER_CODEC=python` turns the native path off (for comparisons).
@@ -199,7 +199,8 @@ def _wire_parts(msg: Message) -> list[bytes | memoryview]:
     parts: list[bytes | memoryview] = [_prefix(msg)]
     for name in _tensor_fields(type(msg)):
         t = getattr(msg, name).detach().cpu().contiguous()
-        arr = (t.view(_CARRIERS[t.dtype]) if t.dtype in _CARRIERS else t).numpy()
+        # force: a negative bit's values resolved (a copy); a dtype view needs them resolved first
+        arr = (t.resolve_neg().view(_CARRIERS[t.dtype]) if t.dtype in _CARRIERS else t).numpy(force=True)
         if not _LITTLE_ENDIAN:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         parts.append(memoryview(arr).cast("B") if arr.size else b"")  # cast: flat bytes, no copy
@@ -215,7 +216,7 @@ _ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError)
 def encode(msg: Message) -> memoryview:
     """Serialise a message into one writable, 64-byte-aligned buffer (tensors copied once): what
     `decode` views without copying, for delivery within one process."""
-    if _native is not None and (out := _native_or_none(_native_pack, msg, byte_buffer)) is not None:
+    if _native is not None and (out := _native_pack(msg, byte_buffer)) is not None:
         return out
     return _reference_encode(msg)
 
@@ -236,7 +237,7 @@ def encode_frame(msg: Message) -> bytes:
     """The same bytes as `encode`, as one immutable `bytes` object: what gRPC sends. The tensors
     are copied once, straight from their memory into the frame (`bytes(encode(msg))` would copy
     them twice)."""
-    if _native is not None and (out := _native_or_none(_native_pack, msg, None)) is not None:
+    if _native is not None and (out := _native_pack(msg, None)) is not None:
         return out
     return _reference_frame(msg)
 
@@ -318,7 +319,7 @@ def _decode_tensor(
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
     """Parse and validate bytes from a peer into a typed message; raises only CodecError."""
-    if _native is not None and (msg := _native_or_none(_native_decode, data)) is not None:
+    if _native is not None and (msg := _native_decode(data)) is not None:
         return msg
     return _reference_decode(data)
 
@@ -425,7 +426,7 @@ def copy_message(msg: Message) -> tuple[Message, int]:
     view a buffer of their own): faster than the copy below, which takes the rest and words every
     refusal (BENCHMARKS.md, "A native codec" and "Delivery checked as it copies"). In Python alone the
     copy is the faster: it skips the byte buffer, about half a millisecond a message."""
-    if _native is not None and (copied := _native_or_none(_native_copy, msg)) is not None:
+    if _native is not None and (copied := _native_copy(msg)) is not None:
         return copied
     stray = (TypeError, ValueError, AttributeError, RuntimeError, OverflowError)
     return _only_codec_errors(_copy_message, msg, stray)
@@ -461,20 +462,15 @@ def _copy_message(msg: Message) -> tuple[Message, int]:
     return cls(header=hdr, **kwargs), size
 
 
-# ---- the native fast path (_wire.c). Every function returns None where it declines.
-
-
-def _native_or_none(fn: Callable[..., R], *args: Any) -> R | None:
-    """`fn(*args)`, or None if it raised: whatever goes wrong on the fast path (numpy refusing the
-    shape of an empty tensor with huge dimensions, a getter raising), the reference then runs on the
-    same input and raises the CodecError, so that `decode` and `encode` raise nothing else."""
-    try:
-        return fn(*args)
-    except Exception:
-        return None
+# ---- the native fast path (_wire.c). Every function returns None where it declines, and where
+# anything raised inside it (numpy refusing the shape of an empty tensor with huge dimensions, a
+# getter raising): the reference then runs on the same input and raises the CodecError, so that
+# `decode` and `encode` raise nothing else. Each catches for itself (a wrapper taking the function
+# cost about 3 us a message once a 1 MB tensor had swept the caches: BENCHMARKS.md).
 
 
 _NATIVE_CODES = {int: "q", float: "d", bool: "b", str: "s"}
+_NATIVE_API = 2  # _wire.c's NATIVE_API: the signatures this file calls
 
 
 def _load_native() -> ModuleType | None:
@@ -488,10 +484,19 @@ def _load_native() -> ModuleType | None:
         return None
     if _wire.WIRE_VERSION != WIRE_VERSION or _wire.MAX_DIMS != MAX_DIMS or _wire.ALIGN != ALIGN:
         return None  # a stale build of another format: never mix the two
+    if getattr(_wire, "NATIVE_API", 1) != _NATIVE_API:
+        return None  # a stale build whose functions take or return other things
+    if not all(map(_fills_directly, (Header, *MESSAGE_TYPES.values()))):
+        log.warning("a message kind the native decoder cannot build without its __init__: Python codec only")
+        return None
+    try:
+        _wire.header_class(Header)
+    except ValueError:  # another Header registered by another copy of this module
+        return None
     for layout in _LAYOUT_BY_ID:
         codes = "".join(_NATIVE_CODES[t] for _, t in layout.scalars)
         try:
-            size = _wire.register(layout.kind_id, layout.scalar_names, codes, len(layout.tensors))
+            size = _wire.register(layout.kind_id, layout.cls, layout.scalar_names, codes, len(layout.tensors))
         except ValueError:  # outside the native limits, or registered otherwise by another copy
             size = -1
         if size != layout.fixed.size:
@@ -502,56 +507,66 @@ def _load_native() -> ModuleType | None:
 
 def _native_pack(msg: Message, alloc: Callable[[int], np.ndarray] | None) -> memoryview | bytes | None:
     """`encode` (with `alloc`) or `encode_frame` (without) in native code, for messages whose tensors
-    are CPU tensors numpy can view; the native side declines anything not exactly typed."""
-    args = _native_args(msg)
-    return None if args is None else _native.pack(msg, *args, alloc)
+    numpy can view; the native side declines anything not exactly typed."""
+    try:
+        return _native.pack(msg, *_native_args(msg), alloc)
+    except Exception:
+        return None
 
 
 def _native_copy(msg: Message) -> tuple[Message, int] | None:
     """`copy_message` in native code: `_native_decode(_native_pack(msg, byte_buffer))` with each tensor
     checked for finiteness while it is copied rather than read again afterwards."""
-    args = _native_args(msg)
-    copied = None if args is None else _native.copy(msg, *args, byte_buffer)
-    if copied is None:
+    try:
+        copied = _native.copy(msg, *_native_args(msg), byte_buffer)
+        if copied is None:
+            return None
+        data, parsed = copied
+        out = _from_parsed(parsed, data)
+    except Exception:
         return None
-    data, parsed = copied
-    out = _from_parsed(parsed, data)
     return None if out is None else (out, len(data))
 
 
-def _native_args(msg: Message) -> tuple[int, tuple[tuple[int, np.ndarray], ...]] | None:
+def _native_args(msg: Message) -> tuple[int, tuple[tuple[int, np.ndarray], ...]]:
     """What `pack` and `copy` take for `msg`: its kind id and the (wire dtype id, numpy view) of each
-    tensor field; None for a kind or a tensor the native side cannot read."""
-    layout = _LAYOUTS.get(type(msg))
-    if layout is None:
-        return None
+    tensor field. Raises (KeyError, TypeError) for a kind or a field the native side cannot take.
+
+    `numpy(force=True)` views a CPU tensor's memory whether or not it requires grad (what
+    `detach().numpy()` did in two calls); a tensor that is not plain CPU memory (another device, a
+    negative bit) it copies into one, with its values."""
+    layout = _LAYOUTS[type(msg)]
     specs = []
     for name in layout.tensors:
-        t = getattr(msg, name, None)
-        dtype_id = _DTYPE_IDS.get(t.dtype) if isinstance(t, torch.Tensor) else None
-        if dtype_id is None or not t.is_cpu:
-            return None
+        t = getattr(msg, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} is not a tensor")
+        dtype_id = _DTYPE_IDS[t.dtype]
         carrier = _DTYPE_BY_ID[dtype_id].carrier  # type: ignore[union-attr]
-        try:
-            specs.append((dtype_id, (t.detach() if carrier is t.dtype else t.detach().view(carrier)).numpy()))
-        except (RuntimeError, TypeError):  # a tensor numpy cannot view (conjugate, negative bits)
-            return None
+        specs.append(
+            (dtype_id, (t if carrier is t.dtype else t.resolve_neg().view(carrier)).numpy(force=True))
+        )
     return layout.kind_id, tuple(specs)
 
 
 def _native_decode(data: bytes | bytearray | memoryview) -> Message | None:
     """`decode` in native code, or None when the native side refuses the bytes (then the reference
     decodes them and says why)."""
-    parsed = _native.parse(data)
-    return None if parsed is None else _from_parsed(parsed, data)
+    try:
+        parsed = _native.parse(data)
+        return None if parsed is None else _from_parsed(parsed, data)
+    except Exception:
+        return None
 
 
 def _from_parsed(parsed: tuple, data: bytes | bytearray | memoryview) -> Message | None:
-    """The message `_native.parse` read from `data`: tensors of a writable buffer view it (checked
-    already); those of a read-only one (bytes from a network) are copied and checked here."""
-    kind_id, header, scalars, specs, readonly = parsed
+    """The message `_native.parse` read from `data`, its tensor fields set here: tensors of a writable
+    buffer view it (checked already); those of a read-only one (bytes from a network) are copied and
+    checked here. The native side built the message without its `__init__` (`_fills_directly`), so
+    its fields are set in its `__dict__` as well."""
+    kind_id, msg, specs, readonly = parsed
     layout = _LAYOUT_BY_ID[kind_id]
-    kwargs = dict(zip(layout.scalar_names, scalars, strict=True))
+    fields = msg.__dict__
     for name, (dtype_id, shape, offset, count) in zip(layout.tensors, specs, strict=True):
         dtype: _WireDtype = _DTYPE_BY_ID[dtype_id]  # type: ignore[assignment]
         if readonly:  # bytes from a network: copied once, checked as copied
@@ -560,10 +575,22 @@ def _from_parsed(parsed: tuple, data: bytes | bytearray | memoryview) -> Message
                 return None
             arr = arr.view(dtype.native)
         else:  # a buffer this message alone owns: viewed without a copy (checked by parse or copy)
-            arr = np.frombuffer(data, dtype=dtype.native, count=count, offset=offset)
+            arr = np.frombuffer(data, dtype.native, count, offset)
         t = torch.from_numpy(arr.reshape(shape))
-        kwargs[name] = t.view(dtype.torch) if dtype.torch is not dtype.carrier else t
-    return layout.cls(header=Header(*header), **kwargs)
+        fields[name] = t.view(dtype.torch) if dtype.torch is not dtype.carrier else t
+    return msg
+
+
+def _fills_directly(cls: type) -> bool:
+    """Whether an instance of `cls` made by `object.__new__` with every field set in its `__dict__`
+    (as the native decoder builds messages and their headers, skipping the dataclass's `__init__`,
+    which costs about 5 us a message once a megabyte-sized tensor has swept the caches) equals
+    `cls(**fields)`: a dataclass without `__post_init__` or `__slots__` whose fields all have a place
+    on the wire."""
+    if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
+        return False
+    wire = set(_HEADER_TYPES) if cls is Header else {"header", *_scalar_fields(cls), *_tensor_fields(cls)}
+    return {f.name for f in dataclasses.fields(cls)} == wire
 
 
 _native: ModuleType | None = _load_native()
