@@ -56,7 +56,22 @@ def test_a_stale_native_build_of_another_format_is_not_used(monkeypatch):
     assert codec._load_native() is None
     monkeypatch.setattr(native, "WIRE_VERSION", codec.WIRE_VERSION)
     assert codec._load_native() is native
+    monkeypatch.delattr(native, "NATIVE_API")  # a build from before parse built messages
+    assert codec._load_native() is None
+    monkeypatch.setattr(native, "NATIVE_API", codec._NATIVE_API, raising=False)
+    assert codec._load_native() is native
     monkeypatch.setattr(native, "register", lambda *args: 0)  # a build that reads another layout
+    assert codec._load_native() is None
+
+
+@needs_native
+def test_a_message_kind_the_native_side_cannot_build_turns_it_off(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class Checked(Forward):
+        def __post_init__(self) -> None:
+            pass
+
+    monkeypatch.setitem(codec.MESSAGE_TYPES, "checked", Checked)
     assert codec._load_native() is None
 
 
@@ -352,18 +367,29 @@ def test_forward_messages_from_the_native_path_are_usable_tensors():
 @pytest.mark.parametrize("kind", list(MESSAGE_TYPES.values()))
 def test_decoded_messages_are_the_dataclasses_their_constructor_builds(kind):
     """The native decoder builds messages and headers without their `__init__`: what it returns is
-    still the frozen dataclass, equal and hashing alike field by field, whatever the path."""
-    msg = kind(header=Header("j", "a", "b", 1, 2, 3))
+    still the frozen dataclass, every field set on the instance (none left to a class default) to
+    what was sent, equal and hashing alike, whatever the path."""
+    base = kind(header=Header("j", "a", "b", 0, 0, 0))
+    others = {int: 7, float: 2.5, str: "sent"}
+    values = {
+        name: (not getattr(base, name)) if typ is bool else others[typ]
+        for name, typ in codec._scalar_fields(kind).items()
+    }
+    values |= {name: torch.arange(6.0).reshape(2, 3) for name in codec._tensor_fields(kind)}
+    msg = kind(header=Header("job", "from", "to", 1, 2, 3), **values)
+    if native is not None:  # the paths under test are the native ones
+        assert codec._native_decode(encode(msg)) is not None
+        assert codec._native_decode(encode_frame(msg)) is not None
+        assert codec._native_copy(msg) is not None
+    names = {f.name for f in dataclasses.fields(kind)}
     for out in (decode(encode(msg)), decode(encode_frame(msg)), copy_message(msg)[0]):
-        assert type(out) is kind and _same_message(out, msg)
+        assert type(out) is kind and vars(out).keys() == names and _same_message(out, msg)
+        assert type(out.header) is Header and vars(out.header) == vars(msg.header)
         assert out.header == msg.header and hash(out.header) == hash(msg.header)
-        assert repr(out.header) == repr(msg.header)
         with pytest.raises(dataclasses.FrozenInstanceError):
             out.header.step = 9  # type: ignore[misc]
-        assert _same_message(
-            dataclasses.replace(out, header=Header("j", "a", "b", 4, 5, 6)),
-            dataclasses.replace(msg, header=Header("j", "a", "b", 4, 5, 6)),
-        )
+        moved = Header("j", "a", "b", 4, 5, 6)
+        assert _same_message(dataclasses.replace(out, header=moved), dataclasses.replace(msg, header=moved))
 
 
 def test_only_plain_wire_dataclasses_are_built_without_their_init():
@@ -384,14 +410,39 @@ def test_only_plain_wire_dataclasses_are_built_without_their_init():
     class OffTheWire(Forward):
         note: list = dataclasses.field(default_factory=list)  # no place on the wire: its default
 
-    for cls in (Checked, Slotted, OffTheWire, object):
+    @dataclasses.dataclass(frozen=True)
+    class Made(Forward):
+        def __new__(cls, *args, **kwargs):  # a constructor of its own
+            return super().__new__(cls)
+
+    class Guarded:  # a data descriptor: `__init__` would call its setter, a `__dict__` write not
+        def __set_name__(self, owner, name):
+            self.name = name
+
+        def __get__(self, obj, owner=None):
+            return 0 if obj is None else obj.__dict__.get(self.name, 0)
+
+        def __set__(self, obj, value):
+            obj.__dict__[self.name] = value
+
+    @dataclasses.dataclass(frozen=True)
+    class Described(Forward):
+        micro: int = Guarded()  # type: ignore[assignment]
+
+    for cls in (Checked, Slotted, OffTheWire, Made, Described, object):
         assert not codec._fills_directly(cls), cls
+    if native is not None:  # nor does the native side take a class with its own __new__
+        with pytest.raises(ValueError, match="without __new__"):
+            native.register(0, Made, (), "", 0)
+        with pytest.raises(ValueError, match="without __new__"):
+            native.header_class(Made)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_tensor_with_a_negative_bit_travels_as_its_values(dtype):
-    """A negated view (its negative bit set) is encoded as the values it holds, on both paths (the
-    Python reference once raised a RuntimeError from torch for it)."""
+    """A negated view (its negative bit set) is encoded as the values it holds, on both paths (encoding
+    once raised torch's RuntimeError for it: the native side declined it, the reference could not
+    view it)."""
     x = torch.randn(4, 3).to(dtype)
     header = Header("j", "a", "b", 0, 0, 1)
     negated = Forward(header=header, activation=torch._neg_view(x))
@@ -400,6 +451,26 @@ def test_a_tensor_with_a_negative_bit_travels_as_its_values(dtype):
     if native is not None:
         assert codec._native_pack(negated, None) == resolved
     assert torch.equal(decode(encode_frame(negated)).activation, -x)
+    assert torch.equal(copy_message(negated)[0].activation, -x)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(3).to_sparse(),
+        lambda: torch.zeros(2, 3).to_sparse_csr(),
+        lambda: torch.empty(3, device="meta"),
+    ],
+    ids=["sparse", "sparse-csr", "meta"],
+)
+def test_a_tensor_without_plain_memory_is_refused_with_a_codec_error(make):
+    """A sparse or meta tensor has no bytes to send: every path refuses it with a CodecError (encoding
+    once let torch's RuntimeError through)."""
+    msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=make())
+    for fn in (encode, encode_frame, copy_message):
+        with pytest.raises(CodecError, match="malformed message"):
+            fn(msg)
 
 
 # -- found in review: hostile shapes, odd buffers, a layout changed under a call ----------------

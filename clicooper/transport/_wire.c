@@ -33,6 +33,10 @@
 #error "the wire is little-endian: build the native codec only on little-endian hosts"
 #endif
 
+#ifndef Py_TPFLAGS_MANAGED_DICT /* before Python 3.11 a __dict__ is always at tp_dictoffset */
+#define Py_TPFLAGS_MANAGED_DICT 0
+#endif
+
 #define WIRE_VERSION 2
 #define NATIVE_API 2            /* what codec.py expects of these functions: 1 returned tuples from parse */
 #define MAX_MESSAGE_BYTES ((uint64_t)512 * 1024 * 1024)
@@ -150,8 +154,8 @@ static int all_zero(const uint8_t *p, size_t n) {
 /* An instance of the dataclass `cls` built as codec.py's `_fills_directly` allows: made by
  * `object.__new__`, its `n` fields `names` set to `values` (borrowed) in its __dict__, without the
  * dataclass's `__init__` (which sets each field of a frozen dataclass through `object.__setattr__`:
- * in Python, after a megabyte-sized tensor had swept the caches, that cost a tenth of a 1 MB round
- * trip). New reference, or NULL with an exception set. */
+ * about 5 us a message once a megabyte-sized tensor had swept the caches, BENCHMARKS.md). `cls` is
+ * one `plain_class` accepted. New reference, or NULL with an exception set. */
 static PyObject *filled(PyObject *cls, PyObject *const *names, PyObject *const *values, int n) {
     PyObject *obj = PyBaseObject_Type.tp_new((PyTypeObject *)cls, empty_tuple, NULL);
     if (!obj)
@@ -275,8 +279,8 @@ static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, in
     PyObject *fields[1 + MAX_FIELDS] = {0}; /* the message's: its header, then its scalars */
     int n_fields = 0;
     PyObject *header = NULL, *msg = NULL, *tensors = NULL, *result = NULL;
-    if (!header_cls || !L->cls)
-        Py_RETURN_NONE; /* not registered: the Python path decodes */
+    if (!header_cls)
+        Py_RETURN_NONE; /* no header class given: the Python path decodes */
     at = (uint64_t)L->fixed_size;
     for (int i = 0; i < n_texts; i++) {
         texts[i] = PyUnicode_DecodeUTF8((const char *)buf + at, (Py_ssize_t)text_len[i], "strict");
@@ -293,9 +297,9 @@ static PyObject *parse_bytes(const uint8_t *buf, uint64_t size, int readonly, in
     for (int i = 0; i < HEADER_COUNTERS; i++)
         if (!(header_values[HEADER_TEXTS + i] = counter_objs[i] = PyLong_FromLongLong(counters[i])))
             goto fail;
-    header = filled(header_cls, header_names, header_values, HEADER_TEXTS + HEADER_COUNTERS);
-    tensors = PyTuple_New(L->n_tensors);
-    if (!header || !tensors)
+    if (!(header = filled(header_cls, header_names, header_values, HEADER_TEXTS + HEADER_COUNTERS)))
+        goto fail;
+    if (!(tensors = PyTuple_New(L->n_tensors)))
         goto fail;
     fields[n_fields++] = Py_NewRef(header);
     int next_text = HEADER_TEXTS;
@@ -665,10 +669,21 @@ static PyObject *wire_copy(PyObject *self, PyObject *args) {
 
 /* ---- layouts */
 
+/* whether `filled` can make instances of `cls`: a class whose instances `object.__new__` makes (no
+ * `__new__` of its own) and that have a `__dict__` */
+static int plain_class(PyObject *cls) {
+    if (!PyType_Check(cls))
+        return 0;
+    PyTypeObject *tp = (PyTypeObject *)cls;
+    return tp->tp_new == PyBaseObject_Type.tp_new &&
+           (tp->tp_dictoffset != 0 || (tp->tp_flags & Py_TPFLAGS_MANAGED_DICT));
+}
+
 /* header_class(cls): the class of every message's header (messages.Header), set once */
 static PyObject *wire_header_class(PyObject *self, PyObject *cls) {
-    if (!PyType_Check(cls) || (header_cls && header_cls != cls)) {
-        PyErr_SetString(PyExc_ValueError, "header_class: a class, the same one every time");
+    if (!plain_class(cls) || (header_cls && header_cls != cls)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "header_class: a class without __new__ whose instances have a __dict__, the same one every time");
         return NULL;
     }
     if (!header_cls)
@@ -681,8 +696,12 @@ static PyObject *wire_register(PyObject *self, PyObject *args) {
     int kind, n_tensors;
     PyObject *cls, *names;
     const char *codes;
-    if (!PyArg_ParseTuple(args, "iO!O!si", &kind, &PyType_Type, &cls, &PyTuple_Type, &names, &codes, &n_tensors))
+    if (!PyArg_ParseTuple(args, "iOO!si", &kind, &cls, &PyTuple_Type, &names, &codes, &n_tensors))
         return NULL;
+    if (!plain_class(cls)) {
+        PyErr_SetString(PyExc_ValueError, "register: a class without __new__ whose instances have a __dict__");
+        return NULL;
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(names);
     if (kind < 0 || kind >= MAX_KINDS || n > MAX_FIELDS || (Py_ssize_t)strlen(codes) != n ||
         n_tensors < 0 || n_tensors > MAX_FIELDS) {

@@ -23,18 +23,20 @@ finite tensors. `decode` raises `CodecError` and nothing else, whatever the byte
 
 Two implementations share this format. The Python one in this file is the reference: it decides
 what is valid and words every error. The native one (`_wire.c`, built at install where a C
-compiler is found) takes the common case, exactly typed fields and contiguous CPU tensors, with
-the per-message work in C (decoded messages and headers are built there too) and the finiteness
-check read from the bits, fused with the copy where there is one. It writes the same bytes and accepts exactly the bytes the reference accepts (the
-tests check both on valid, mutated and random messages); whenever it declines, or refuses a
-message, the reference runs on the same input, so that a refusal always carries the reference's
-error. `CLICOOPER_CODEC=python` turns the native path off (for comparisons).
+compiler is found) takes the common case, exactly typed fields and contiguous tensors, with the
+per-message work in C (decoded messages and headers are built there too) and the finiteness check
+read from the bits, fused with the copy where there is one. It writes the same bytes and accepts
+exactly the bytes the reference accepts (the tests check both on valid, mutated and random
+messages); whenever it declines, or refuses a message, the reference runs on the same input, so
+that a refusal always carries the reference's error. `CLICOOPER_CODEC=python` turns the native
+path off (for comparisons).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import os
@@ -208,9 +210,9 @@ def _wire_parts(msg: Message) -> list[bytes | memoryview]:
     return parts
 
 
-# what a malformed message (wrong field types, a str that is not UTF-8-encodable, an integer out
-# of its wire range) raises inside encoding
-_ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError)
+# what a malformed message raises inside encoding: wrong field types, a str that is not
+# UTF-8-encodable, an integer out of its wire range, a tensor torch cannot give numpy (sparse, meta)
+_ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError, RuntimeError, ValueError)
 
 
 def encode(msg: Message) -> memoryview:
@@ -483,15 +485,18 @@ def _load_native() -> ModuleType | None:
     except ImportError:
         return None
     if _wire.WIRE_VERSION != WIRE_VERSION or _wire.MAX_DIMS != MAX_DIMS or _wire.ALIGN != ALIGN:
-        return None  # a stale build of another format: never mix the two
+        log.warning("a stale build of the native codec (another wire format): Python codec only")
+        return None  # never mix the two
     if getattr(_wire, "NATIVE_API", 1) != _NATIVE_API:
-        return None  # a stale build whose functions take or return other things
+        log.warning("a stale build of the native codec (another interface): Python codec only")
+        return None
     if not all(map(_fills_directly, (Header, *MESSAGE_TYPES.values()))):
         log.warning("a message kind the native decoder cannot build without its __init__: Python codec only")
         return None
     try:
         _wire.header_class(Header)
     except ValueError:  # another Header registered by another copy of this module
+        log.warning("the native codec holds another Header class: Python codec only")
         return None
     for layout in _LAYOUT_BY_ID:
         codes = "".join(_NATIVE_CODES[t] for _, t in layout.scalars)
@@ -585,10 +590,15 @@ def _fills_directly(cls: type) -> bool:
     """Whether an instance of `cls` made by `object.__new__` with every field set in its `__dict__`
     (as the native decoder builds messages and their headers, skipping the dataclass's `__init__`,
     which costs about 5 us a message once a megabyte-sized tensor has swept the caches) equals
-    `cls(**fields)`: a dataclass without `__post_init__` or `__slots__` whose fields all have a place
-    on the wire."""
+    `cls(**fields)`: a dataclass without `__post_init__`, `__slots__` or a `__new__` of its own whose
+    fields all have a place on the wire and none behind a data descriptor. (A hand-written `__init__`
+    in a dataclass is not detected: messages.py declares fields only.)"""
     if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
         return False
+    if cls.__new__ is not object.__new__:
+        return False
+    if any(hasattr(inspect.getattr_static(cls, f.name, None), "__set__") for f in dataclasses.fields(cls)):
+        return False  # a field behind a data descriptor: `__init__` would call its setter
     wire = set(_HEADER_TYPES) if cls is Header else {"header", *_scalar_fields(cls), *_tensor_fields(cls)}
     return {f.name for f in dataclasses.fields(cls)} == wire
 
