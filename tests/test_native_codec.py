@@ -299,7 +299,7 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
     _, bad, edge = _BITS[dtype]
     wire_id = codec._DTYPE_IDS[dtype]
     carrier = codec._DTYPE_BY_ID[wire_id].carrier
-    for n in (1, 7, 8, 9, 31, 64, 65, 4097):
+    for n in (1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 4097):
         for at in sorted({0, n // 2, n - 1}):
             for bits in bad + edge:
                 t = _with_bits(dtype, n, at, bits)

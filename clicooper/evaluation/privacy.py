@@ -655,9 +655,8 @@ def _grid(grids: dict, out: Path, n: int = 8) -> Path:
                 ax.axis("off")
                 if i < len(imgs):
                     img = imgs[i].detach()
-                    ax.imshow(
-                        img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1
-                    )
+                    img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+                    ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)  # numpy: matplotlib's own type
             axes[3 * gi + row, 0].set_title(f"{name}: {label}", fontsize=7, loc="left")
     fig.tight_layout()
     path = out / "reconstructions.png"

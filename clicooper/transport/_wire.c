@@ -100,11 +100,24 @@ static Py_ssize_t scalar_size(char code) {
 #endif
 
 /* name(p, n): whether the n values of `type` at p are finite, for a format whose exponent bits are
- * `exp` and whose sign bit is `sign` (exp + its lowest bit carries into the sign bit) */
+ * `exp` and whose sign bit is `sign` (exp + its lowest bit carries into the sign bit). The values
+ * are read 128 bytes an iteration into as many accumulators (four vector registers): with one, the
+ * loop read a 1 MB tensor 15-25% slower than this (BENCHMARKS.md, fourteenth stop). */
+#define FINITE_BLOCK 128
 #define DEFINE_FINITE(name, type, exp, sign)                                   \
     VECTOR_CLONES static int name(const uint8_t *p, size_t n) {                 \
-        type acc = 0;                                                          \
-        for (size_t i = 0; i < n; i++) {                                       \
+        enum { LANES = FINITE_BLOCK / sizeof(type) };                          \
+        type lanes[LANES] = {0}, acc = 0;                                      \
+        size_t i = 0;                                                          \
+        for (; i + LANES <= n; i += LANES)                                     \
+            for (size_t k = 0; k < LANES; k++) {                               \
+                type x;                                                        \
+                memcpy(&x, p + sizeof(type) * (i + k), sizeof(type));          \
+                lanes[k] |= (type)((x & (exp)) + ((exp) & -(exp)));            \
+            }                                                                  \
+        for (size_t k = 0; k < LANES; k++)                                     \
+            acc |= lanes[k];                                                   \
+        for (; i < n; i++) {                                                   \
             type x;                                                            \
             memcpy(&x, p + sizeof(type) * i, sizeof(type));                    \
             acc |= (type)((x & (exp)) + ((exp) & -(exp)));                     \
