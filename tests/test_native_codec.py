@@ -320,6 +320,29 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", list(_BITS))
+def test_native_finiteness_sees_every_lane_and_every_copy_block(dtype):
+    """An infinity at every position of two 128-byte blocks and a tail (every accumulator of the
+    unrolled loop, in both blocks and the scalar tail), and at both sides of each 16 KB boundary of
+    the copy-then-check blocks: refused by `parse`, `copy_finite` and `copy` alike."""
+    as_int, (inf, *_), _ = _BITS[dtype]
+    itemsize = torch.iinfo(as_int).bits // 8
+    lanes = 128 // itemsize
+    per_chunk = 16 * 1024 // itemsize
+    wire_id = codec._DTYPE_IDS[dtype]
+    carrier = codec._DTYPE_BY_ID[wire_id].carrier
+    cases = [(2 * lanes + 1, at) for at in range(2 * lanes + 1)]
+    cases += [(2 * per_chunk + 3, at) for at in (per_chunk - 1, per_chunk, 2 * per_chunk - 1, 2 * per_chunk)]
+    for n, at in cases:
+        t = _with_bits(dtype, n, at, inf)
+        msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=t)
+        assert native.parse(bytearray(codec._reference_frame(msg))) is None, (n, at)
+        assert native.copy(msg, *codec._native_args(msg), codec.byte_buffer) is None, (n, at)
+        src = t.view(carrier).numpy()
+        assert not native.copy_finite(np.empty_like(src), src, 0, wire_id), (n, at)
+
+
+@needs_native
 def test_copy_finite_refuses_a_source_shorter_than_its_destination():
     with pytest.raises(ValueError, match="shorter"):
         native.copy_finite(np.empty(8, np.float32), np.zeros(8, np.float32), 4, 1)
@@ -454,6 +477,18 @@ def test_a_tensor_with_a_negative_bit_travels_as_its_values(dtype):
     assert torch.equal(copy_message(negated)[0].activation, -x)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_tensor_on_another_device_travels_as_its_values():
+    """The native side copies a CUDA tensor into host memory before packing it (`numpy(force=True)`):
+    the bytes are the reference's, and what a receiver gets is a CPU tensor."""
+    x = torch.randn(4, 3)
+    msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=x.cuda())
+    ref = _reference_frame(Forward(header=msg.header, activation=x))
+    assert codec._native_pack(msg, None) == ref and bytes(encode(msg)) == ref
+    copied = copy_message(msg)[0].activation
+    assert copied.device.type == "cpu" and torch.equal(copied, x)
+
+
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize(
     "make",
@@ -465,11 +500,11 @@ def test_a_tensor_with_a_negative_bit_travels_as_its_values(dtype):
     ids=["sparse", "sparse-csr", "meta"],
 )
 def test_a_tensor_without_plain_memory_is_refused_with_a_codec_error(make):
-    """A sparse or meta tensor has no bytes to send: every path refuses it with a CodecError (encoding
-    once let torch's RuntimeError through)."""
+    """A sparse or meta tensor has no bytes to send: every path refuses it with a CodecError that says
+    so (encoding once let torch's RuntimeError through)."""
     msg = Forward(header=Header("j", "a", "b", 0, 0, 1), activation=make())
     for fn in (encode, encode_frame, copy_message):
-        with pytest.raises(CodecError, match="malformed message"):
+        with pytest.raises(CodecError, match="forward.activation: a .* tensor has no bytes to send"):
             fn(msg)
 
 

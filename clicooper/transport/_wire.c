@@ -33,10 +33,6 @@
 #error "the wire is little-endian: build the native codec only on little-endian hosts"
 #endif
 
-#ifndef Py_TPFLAGS_MANAGED_DICT /* before Python 3.11 a __dict__ is always at tp_dictoffset */
-#define Py_TPFLAGS_MANAGED_DICT 0
-#endif
-
 #define WIRE_VERSION 2
 #define NATIVE_API 2            /* what codec.py expects of these functions: 1 returned tuples from parse */
 #define MAX_MESSAGE_BYTES ((uint64_t)512 * 1024 * 1024)
@@ -101,8 +97,9 @@ static Py_ssize_t scalar_size(char code) {
 
 /* name(p, n): whether the n values of `type` at p are finite, for a format whose exponent bits are
  * `exp` and whose sign bit is `sign` (exp + its lowest bit carries into the sign bit). The values
- * are read 128 bytes an iteration into as many accumulators (four vector registers): with one, the
- * loop read a 1 MB tensor 15-25% slower than this (BENCHMARKS.md, fourteenth stop). */
+ * are read 128 bytes an iteration, each into an accumulator of its own (four AVX2 registers, eight
+ * SSE2 ones in the default build): with one accumulator, the loop read a 1 MB tensor about 13%
+ * slower in a fast process and 35% in a slow one (BENCHMARKS.md, fourteenth stop). */
 #define FINITE_BLOCK 128
 #define DEFINE_FINITE(name, type, exp, sign)                                   \
     VECTOR_CLONES static int name(const uint8_t *p, size_t n) {                 \

@@ -194,13 +194,21 @@ def _prefix(msg: Message) -> bytes:
     )
 
 
+def _with_memory(t: torch.Tensor, where: str) -> torch.Tensor:
+    """`t`, unless it has no bytes to send (a sparse or meta tensor): refused by name, where torch
+    would raise its own error from inside encoding."""
+    if t.layout is not torch.strided or t.is_meta:
+        raise CodecError(f"{where}: a {'meta' if t.is_meta else t.layout} tensor has no bytes to send")
+    return t
+
+
 def _wire_parts(msg: Message) -> list[bytes | memoryview]:
     """The encoded message as consecutive pieces: the prefix, then each tensor's little-endian bytes
     (a view of the tensor's own memory where it already is a contiguous CPU tensor) and its zero
     padding. Joining them is the one copy of the tensors that encoding makes."""
     parts: list[bytes | memoryview] = [_prefix(msg)]
     for name in _tensor_fields(type(msg)):
-        t = getattr(msg, name).detach().cpu().contiguous()
+        t = _with_memory(getattr(msg, name), f"{msg.KIND}.{name}").detach().cpu().contiguous()
         # force: a negative bit's values resolved (a copy); a dtype view needs them resolved first
         arr = (t.resolve_neg().view(_CARRIERS[t.dtype]) if t.dtype in _CARRIERS else t).numpy(force=True)
         if not _LITTLE_ENDIAN:
@@ -210,9 +218,9 @@ def _wire_parts(msg: Message) -> list[bytes | memoryview]:
     return parts
 
 
-# what a malformed message raises inside encoding: wrong field types, a str that is not
-# UTF-8-encodable, an integer out of its wire range, a tensor torch cannot give numpy (sparse, meta)
-_ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError, RuntimeError, ValueError)
+# what a malformed message (wrong field types, a str that is not UTF-8-encodable, an integer out
+# of its wire range) raises inside encoding
+_ENCODE_ERRORS = (struct.error, AttributeError, TypeError, UnicodeEncodeError)
 
 
 def encode(msg: Message) -> memoryview:
@@ -451,8 +459,8 @@ def _copy_message(msg: Message) -> tuple[Message, int]:
         raise CodecError(f"{cls.KIND}: header exceeds the {MAX_HEADER_BYTES}-byte limit")
     size, total = len(prefix), 0
     for name in _tensor_fields(cls):
-        t = getattr(msg, name)
         where = f"{cls.KIND}.{name}"
+        t = _with_memory(getattr(msg, name), where)
         nbytes = t.numel() * t.element_size()
         total += nbytes
         if t.dim() > MAX_DIMS or total > MAX_MESSAGE_BYTES:
