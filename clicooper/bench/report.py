@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from clicooper.bench.common import BenchResult, machine_info
+from clicooper.bench.common import BenchResult
 
 
 def render(result: BenchResult, console: Console) -> None:
@@ -19,9 +19,8 @@ def render(result: BenchResult, console: Console) -> None:
         console.print(f"  {note}", highlight=False)
 
 
-def machine_line(m: dict | None = None) -> str:
-    """`machine_info()` (or `m`, taken earlier) in one line."""
-    m = machine_info() if m is None else m
+def machine_line(m: dict) -> str:
+    """`m`, what `machine_info()` returned, in one line."""
     return (
         f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
         f"Python {m['python']}, load average {m['load_avg'][0]}"

@@ -7,9 +7,9 @@
  *
  * - `parse(data)`: every check `codec._decode` makes on a peer's bytes, in one pass, returning the
  *   message built but for its tensors (where they are and what they hold), or None when anything is
- *   wrong. codec.py then runs the Python decoder on the
- *   same bytes, which raises the precise CodecError: error messages have one source, and the tests
- *   check that both decoders accept exactly the same inputs.
+ *   wrong. codec.py then runs the Python decoder on the same bytes, which raises the precise
+ *   CodecError: error messages have one source, and the tests check that both decoders accept
+ *   exactly the same inputs.
  * - `pack(msg, kind_id, tensors, alloc)`: the bytes `codec.encode` (or `encode_frame`, alloc None)
  *   writes, or None for anything but exactly typed fields and C-contiguous tensors, which then take
  *   the Python path.
