@@ -4,13 +4,14 @@ back-propagated. Each is refused with a ProtocolError naming the step, and nothi
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 from torch import nn
 
-from clicooper.parties.base import ProtocolError
+from clicooper.parties.base import ProtocolError, clear_grads
 from clicooper.parties.trainer import Trainer
 from clicooper.transport.inproc import InProcTransport
 from clicooper.transport.messages import Backward, Forward, Header, Targets
@@ -99,6 +100,45 @@ def test_an_ordinary_gradient_still_steps():
     t.transport.pump()
     (sent,) = t.transport._inboxes["trainer_1"]
     assert isinstance(sent, Backward) and torch.isfinite(sent.grad).all()
+
+
+def test_each_step_starts_from_cleared_gradients():
+    """A trainer clears its gradients at each step's first backward (`clear_grads`): its second step
+    moves the weights by that step's gradient alone, as a fresh optimiser with the same momentum
+    buffer would, not by the sum of both steps' gradients."""
+    t = _trainer()
+    for step, value in ((0, 1.0), (1, -3.0)):
+        if step == 1:
+            expected = copy.deepcopy(t.segment)
+            reference = torch.optim.SGD(expected.parameters(), lr=0.1, momentum=0.9)
+            reference.load_state_dict(copy.deepcopy(t.optimizer.state_dict()))  # its own buffers
+            reference.zero_grad()  # torch's own clearing (the copy carries step 0's gradients)
+            torch.autograd.backward(expected(torch.full((2, 4), value)), torch.full((2, 3), 0.5))
+            reference.step()
+        t.handle(_forward(step=step, value=value))
+        t.handle(_backward(torch.full((2, 3), 0.5), step=step))
+    pairs = zip(expected.parameters(), t.segment.parameters(), strict=True)
+    assert all(torch.allclose(a, b) for a, b in pairs)
+
+
+def test_clear_grads_sets_every_gradient_to_none_or_asks_an_optimiser_that_clears_itself():
+    model = nn.Linear(3, 2)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    clear_grads(plain)
+    assert [p.grad for p in model.parameters()] == [None, None]
+
+    class ClearsItself(torch.optim.SGD):  # as an optimiser keeping per-sample gradients would
+        calls: list[bool] = []
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            self.calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    own = ClearsItself(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    clear_grads(own)
+    assert ClearsItself.calls == [True] and [p.grad for p in model.parameters()] == [None, None]
 
 
 def test_an_empty_training_batch_is_refused_before_it_counts():

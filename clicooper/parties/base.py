@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,25 @@ def check_tensor(t: torch.Tensor, *, where: str, dtype: torch.dtype, shape: tupl
         raise ProtocolError(f"{where}: dtype {t.dtype}, expected {dtype}")
     if t.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, t.shape, strict=True)):
         raise ProtocolError(f"{where}: shape {tuple(t.shape)}, expected {shape}")
+
+
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer.zero_grad(set_to_none=True)`: every parameter's gradient set to None. A party
+    clears its gradients every step, four parties where centralized training clears once, and
+    torch's `zero_grad` (wrapped to keep dynamo out and to record a profiler range) cost about
+    0.1 ms a call in a running chain (BENCHMARKS.md, fifteenth stop); this loop does what it does
+    for a plain optimiser. An optimiser with a `zero_grad` of its own is asked to clear itself."""
+    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+def optimizer_grads(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor | None]:
+    """The gradients `optimizer.step()` would step on, for `require_finite` to check first."""
+    return (p.grad for group in optimizer.param_groups for p in group["params"])
 
 
 def require_finite(tensors: Iterable[torch.Tensor | None], *, where: str) -> None:

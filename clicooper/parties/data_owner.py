@@ -24,7 +24,14 @@ from clicooper.checkpoint import (
     save_state,
 )
 from clicooper.data import DatasetSplits
-from clicooper.parties.base import Party, ProtocolError, check_tensor, require_finite
+from clicooper.parties.base import (
+    Party,
+    ProtocolError,
+    check_tensor,
+    clear_grads,
+    optimizer_grads,
+    require_finite,
+)
 from clicooper.privacy.release_store import RELEASE_FILE, load_release, save_release
 from clicooper.schedule import RoundLr, set_lr
 from clicooper.seeding import epoch_batches
@@ -261,7 +268,7 @@ class DataOwner(Party):
             self._tail_step(rnd, step, self._loss_labels(y, ids))
         reply = self._receive_grad(rnd, step, a_rel)
         if released_all is None and self.head_optimizer is not None:
-            self.head_optimizer.zero_grad(set_to_none=True)
+            clear_grads(self.head_optimizer)
             a_rel.backward(from_wire(reply.grad))
             self._require_finite_head_grads(rnd, step)
             self.head_optimizer.step()
@@ -285,7 +292,7 @@ class DataOwner(Party):
             released.append(a_rel)
         trains = released_all is None and self.head_optimizer is not None
         if trains:
-            self.head_optimizer.zero_grad(set_to_none=True)
+            clear_grads(self.head_optimizer)
         loss_sum, pending = 0.0, set(range(len(chunks)))
         for _ in chunks:
             reply: Backward = self._receive(Backward, rnd, step)
@@ -305,7 +312,7 @@ class DataOwner(Party):
         return loss_sum
 
     def _require_finite_head_grads(self, rnd: int, step: int) -> None:
-        grads = (p.grad for group in self.head_optimizer.param_groups for p in group["params"])
+        grads = optimizer_grads(self.head_optimizer)
         where = f"{self.name}: step {(rnd, step)}: head weight gradients from {self.first}'s gradient"
         require_finite(grads, where=where)
 
@@ -314,9 +321,9 @@ class DataOwner(Party):
         feats = self._receive_output(rnd, step, len(y)).requires_grad_(True)
         self.tail.train()
         loss = F.cross_entropy(self.tail(feats), y)
-        self.tail_optimizer.zero_grad(set_to_none=True)
+        clear_grads(self.tail_optimizer)
         loss.backward()
-        grads = [feats.grad] + [p.grad for p in self.tail.parameters()]
+        grads = [feats.grad, *optimizer_grads(self.tail_optimizer)]
         where = f"{self.name}: step {(rnd, step)}: tail gradients on {self.last}'s features"
         require_finite(grads, where=where)
         self.tail_optimizer.step()

@@ -19,7 +19,14 @@ from torch import nn
 
 from clicooper.checkpoint import load_module_optimizer_state, load_state, module_optimizer_state, save_state
 from clicooper.checkpoint import round_prefix as _round_prefix
-from clicooper.parties.base import Party, ProtocolError, check_tensor, require_finite
+from clicooper.parties.base import (
+    Party,
+    ProtocolError,
+    check_tensor,
+    clear_grads,
+    optimizer_grads,
+    require_finite,
+)
 from clicooper.schedule import RoundLr, set_lr
 from clicooper.transport.base import Transport
 from clicooper.transport.messages import (
@@ -303,7 +310,7 @@ class Trainer(Party):
         acc = self._steps[step]
         first = acc.backwarded == 0
         if first:
-            self.optimizer.zero_grad(set_to_none=True)
+            clear_grads(self.optimizer)
         torch.autograd.backward([out], [grad_out])
         if first and self.hooks is not None:
             self.hooks.add_regulariser_grad(self.segment)
@@ -312,8 +319,7 @@ class Trainer(Party):
         where = f"{self.name}: step {step}"
         require_finite([x.grad], where=f"{where}: the gradient for {self.prev}, from {cause}")
         if acc.backwarded == acc.micros:
-            grads = (p.grad for p in self.segment.parameters())
-            require_finite(grads, where=f"{where}: weight gradients from {cause}")
+            require_finite(optimizer_grads(self.optimizer), where=f"{where}: weight gradients from {cause}")
             self.optimizer.step()
             del self._steps[step]
             if self.hooks is not None:
