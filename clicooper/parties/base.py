@@ -106,11 +106,12 @@ def check_tensor(t: torch.Tensor, *, where: str, dtype: torch.dtype, shape: tupl
 
 
 def clear_grads(optimizer: torch.optim.Optimizer) -> None:
-    """`optimizer.zero_grad(set_to_none=True)`: every parameter's gradient set to None. A party
-    clears its gradients every step, four parties where centralized training clears once, and
-    torch's `zero_grad` (wrapped to keep dynamo out and to record a profiler range) cost about
-    0.1 ms a call in a running chain (BENCHMARKS.md, fifteenth stop); this loop does what it does
-    for a plain optimiser. An optimiser with a `zero_grad` of its own is asked to clear itself."""
+    """`optimizer.zero_grad(set_to_none=True)`: the gradient of every parameter in the optimiser's
+    groups set to None. A party clears its gradients every step, four parties where centralized
+    training clears once, and torch's `zero_grad` (wrapped to keep dynamo out and to record a
+    profiler range) cost about 0.1 ms a call in a running chain (BENCHMARKS.md, fifteenth stop);
+    this loop does what it does for a plain optimiser. An optimiser whose class has a `zero_grad`
+    of its own is asked to clear itself."""
     if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
         optimizer.zero_grad(set_to_none=True)
         return
@@ -120,7 +121,8 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
 
 
 def optimizer_grads(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor | None]:
-    """The gradients `optimizer.step()` would step on, for `require_finite` to check first."""
+    """The gradients of the parameters in the optimiser's groups, what a plain optimiser's `step()`
+    steps on: for `require_finite` to check first."""
     return (p.grad for group in optimizer.param_groups for p in group["params"])
 
 
