@@ -295,7 +295,8 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
     """Every non-finite pattern (infinities, quiet and signalling NaNs, NaN payloads) and the
     finite extremes, at the first, middle and last position of tensors whose lengths cover the
     vector loops' tails: checked in place by `parse` (a writable buffer), as copied by
-    `copy_finite` (bytes from a network) and as packed by `copy` (delivery in one process)."""
+    `copy_finite` (bytes from a network), as packed by `copy` (delivery in one process) and in the
+    tensor's own memory by `finite` (a party's gradients, finite.py)."""
     _, bad, edge = _BITS[dtype]
     wire_id = codec._DTYPE_IDS[dtype]
     carrier = codec._DTYPE_BY_ID[wire_id].carrier
@@ -317,6 +318,7 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
                 dst = np.empty_like(src)
                 assert native.copy_finite(dst, src, 0, wire_id) == expected
                 assert dst.tobytes() == src.tobytes()
+                assert native.finite(src, wire_id) == expected
 
 
 @needs_native
@@ -324,7 +326,7 @@ def test_native_finiteness_agrees_with_torch_at_every_position(dtype):
 def test_native_finiteness_sees_every_lane_and_every_copy_block(dtype):
     """An infinity at every position of two 128-byte blocks and a tail (every accumulator of the
     unrolled loop, in both blocks and the scalar tail), and at both sides of each 16 KB boundary of
-    the copy-then-check blocks: refused by `parse`, `copy_finite` and `copy` alike."""
+    the copy-then-check blocks: refused by `parse`, `copy_finite`, `copy` and `finite` alike."""
     as_int, (inf, *_), _ = _BITS[dtype]
     itemsize = torch.iinfo(as_int).bits // 8
     lanes = 128 // itemsize
@@ -340,6 +342,7 @@ def test_native_finiteness_sees_every_lane_and_every_copy_block(dtype):
         assert native.copy(msg, *codec._native_args(msg), codec.byte_buffer) is None, (n, at)
         src = t.view(carrier).numpy()
         assert not native.copy_finite(np.empty_like(src), src, 0, wire_id), (n, at)
+        assert not native.finite(src, wire_id), (n, at)
 
 
 @needs_native
@@ -348,6 +351,16 @@ def test_copy_finite_refuses_a_source_shorter_than_its_destination():
         native.copy_finite(np.empty(8, np.float32), np.zeros(8, np.float32), 4, 1)
     with pytest.raises(ValueError, match="dtype"):
         native.copy_finite(np.empty(8, np.float32), np.zeros(8, np.float32), 0, 0)
+
+
+@needs_native
+def test_finite_refuses_an_unknown_dtype_a_partial_value_and_a_strided_buffer():
+    with pytest.raises(ValueError, match="dtype"):
+        native.finite(np.zeros(8, np.float32), 8)
+    with pytest.raises(ValueError, match="whole values"):
+        native.finite(np.zeros(6, np.uint8), 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.finite(np.zeros((4, 4), np.float32).T, 1)
 
 
 # -- in-process copies -------------------------------------------------------------------------

@@ -18,6 +18,8 @@
  * - `copy_finite(dst, src, offset, dtype_id)`: a copy of bytes from a network, checked for
  *   finiteness from the bits (exponent all ones) as it is copied; `parse` checks a writable
  *   buffer's tensors in place with the same check.
+ * - `finite(buffer, dtype_id)`: the same check on a tensor's own memory, for finite.py (a party's
+ *   gradients before its optimiser steps).
  *
  * Everything a peer controls is bounds-checked before it is read; sizes are checked against
  * MAX_MESSAGE_BYTES before any multiplication can overflow. Little-endian hosts only (the wire's
@@ -414,6 +416,40 @@ static PyObject *wire_copy_finite(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* finite(buffer, dtype_id) -> bool: whether the values in a C-contiguous buffer are all finite.
+ * For finite.py: a party's gradients checked before its optimiser steps, at the speed of a read
+ * and with one Python call, where `float(t.sum())` dispatched a torch reduction per tensor. Most
+ * gradients are small: the GIL is kept for them, where releasing it could hand it to the background
+ * thread (background.py) and wait for it back. */
+#define RELEASE_GIL_BYTES (64 * 1024)
+static PyObject *wire_finite(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    int dtype_id;
+    if (!PyArg_ParseTuple(args, "Oi", &obj, &dtype_id))
+        return NULL;
+    if (dtype_id < 1 || dtype_id > N_DTYPES) {
+        PyErr_SetString(PyExc_ValueError, "finite: unknown dtype id");
+        return NULL;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(obj, &b, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    PyObject *out = NULL;
+    if (b.len % ITEMSIZE[dtype_id])
+        PyErr_SetString(PyExc_ValueError, "finite: the buffer is not whole values of the dtype");
+    else if (b.len < RELEASE_GIL_BYTES)
+        out = PyBool_FromLong(finite_bytes(dtype_id, b.buf, (size_t)b.len));
+    else {
+        int ok;
+        Py_BEGIN_ALLOW_THREADS
+        ok = finite_bytes(dtype_id, b.buf, (size_t)b.len);
+        Py_END_ALLOW_THREADS
+        out = PyBool_FromLong(ok);
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
 /* ---- encoding */
 
 /* `obj`'s UTF-8 bytes if it is exactly a str; NULL (no exception) otherwise */
@@ -761,6 +797,7 @@ static PyMethodDef methods[] = {
     {"pack", wire_pack, METH_VARARGS, "pack(msg, kind_id, tensors, alloc) -> memoryview, bytes or None"},
     {"copy", wire_copy, METH_VARARGS, "copy(msg, kind_id, tensors, alloc) -> (memoryview, parsed) or None"},
     {"copy_finite", wire_copy_finite, METH_VARARGS, "copy_finite(dst, src, offset, dtype_id) -> bool"},
+    {"finite", wire_finite, METH_VARARGS, "finite(buffer, dtype_id) -> bool"},
     {NULL, NULL, 0, NULL},
 };
 
