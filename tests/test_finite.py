@@ -60,6 +60,27 @@ def test_tensors_the_kernel_cannot_read_are_still_checked(path, make):
     assert not all_finite([make(t.clone())])
 
 
+def test_views_slices_scalars_and_parameters_are_read_as_what_they_hold(path):
+    base = torch.zeros(10)
+    base[0] = float("nan")
+    assert all_finite([base[1:]]) and not all_finite([base[:3]])  # a storage offset; NaN outside, inside
+    assert not all_finite([torch.tensor(float("nan"))]) and all_finite([torch.tensor(1.0)])  # 0-dim
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    assert all_finite([frozen])
+    with torch.no_grad():
+        frozen[1] = float("inf")
+    assert not all_finite([frozen])
+
+
+def test_the_codecs_reference_check_does_not_use_the_kernel(monkeypatch):
+    """The reference decoder's finiteness check stays independent of the native kernel that the
+    differential tests compare it with."""
+    monkeypatch.setattr(finite, "_native", lambda: pytest.fail("the kernel was used"))
+    with pytest.raises(codec.CodecError, match="NaN or infinity"):
+        codec._check_finite(torch.tensor([1.0, float("nan")]), "x")
+    codec._check_finite(torch.ones(3), "x")
+
+
 def test_a_float16_sum_that_overflows_is_not_a_non_finite_value(path):
     t = torch.full((64,), 60000.0, dtype=torch.float16)
     assert all_finite([t]) and all_finite([t.to(torch.bfloat16) * 1e33])
@@ -96,4 +117,4 @@ def test_the_kernel_is_off_with_the_python_codec(monkeypatch):
     finally:
         monkeypatch.undo()
         finite._native.cache_clear()
-    assert (finite._native() is None) == (codec._native is None)
+    assert finite._native() is native
