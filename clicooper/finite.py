@@ -3,9 +3,7 @@ optimiser step)."""
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -16,17 +14,14 @@ import torch
 _NATIVE_IDS = {torch.float32: 1, torch.float64: 2, torch.float16: 3}
 
 
-@functools.cache
 def _native() -> ModuleType | None:
-    """The codec's compiled module if it has `finite` (imported on first use: the codec imports this
-    file), else None: not built, a stale build, or `CLICOOPER_CODEC=python`."""
-    if os.environ.get("CLICOOPER_CODEC", "").lower() == "python":
-        return None
-    try:
-        from clicooper.transport import _wire
-    except ImportError:
-        return None
-    return _wire if hasattr(_wire, "finite") else None
+    """The compiled module the codec uses (`codec._native`: None where it is not built, is stale or
+    `CLICOOPER_CODEC=python` turns it off), if it has `finite`. Read at each call, from the codec
+    (imported here because the codec imports this file), so that one decision serves both."""
+    from clicooper.transport import codec
+
+    kernel = codec._native
+    return kernel if kernel is not None and hasattr(kernel, "finite") else None
 
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
