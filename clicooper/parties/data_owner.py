@@ -113,6 +113,7 @@ class DataOwner(Party):
         self.last_round_steps = 0
         self._released: torch.Tensor | None = None  # one-shot release cache
         self._targets = torch.empty(0, dtype=torch.int64)  # this round's targets by sample id
+        self._targets_ahead: tuple[int, int] | None = None  # (round, step) whose targets went ahead
         # called once a round has opened (the verifier has logged its plan and nonce), before training
         self.on_round_opened: Callable[[int], None] | None = None
         with torch.no_grad():
@@ -208,13 +209,15 @@ class DataOwner(Party):
         n_steps = len(batches)
         losses, samples = [], 0
         self.head.train(not one_shot)
-        for step, ids in enumerate(batches):
-            if len(ids) == 0:  # an empty Poisson batch: nothing is released
-                continue
+        # an empty Poisson batch releases nothing: it is no step of the chain's
+        steps = [(step, ids) for step, ids in enumerate(batches) if len(ids)]
+        self._targets_ahead = None
+        for i, (step, ids) in enumerate(steps):
+            after = steps[i + 1] if i + 1 < len(steps) else None
             if self.micro_batches > 1:
-                loss_sum = self._pipelined_step(rnd, step, ids, released_all)
+                loss_sum = self._pipelined_step(rnd, step, ids, released_all, after)
             else:
-                loss_sum = self._step(rnd, step, ids, released_all)
+                loss_sum = self._step(rnd, step, ids, released_all, after)
             losses.append(loss_sum)
             samples += len(ids)
             if on_step is not None:
@@ -257,13 +260,48 @@ class DataOwner(Party):
         wire = to_wire(a, self.wire_dtype, where=f"{self.name}: activation")
         self.send(Forward, self.first, rnd, step, activation=wire, **fields)
 
-    def _step(self, rnd: int, step: int, ids: torch.Tensor, released_all: torch.Tensor | None) -> float:
-        """One unpipelined step; returns the chain's loss times the batch size."""
+    def _send_targets(self, rnd: int, step: int, ids: torch.Tensor, *, ahead: bool = False) -> None:
+        """The last trainer's targets for a step (one message per micro-batch when pipelined), unless
+        they went ahead with the step before. U-shaped, the labels stay here and nothing is sent.
+
+        `ahead`: sent while the step before travels the chain, when the data owner would otherwise
+        sit idle: sent just before its Forward, each step would wait for their acknowledgement, a
+        round trip to the last trainer, before its activations could leave. They still reach the
+        last trainer before the Forward that needs them: they leave before it, from the same party."""
+        if self.tail is not None or (not ahead and self._targets_ahead == (rnd, step)):
+            return
+        if self.micro_batches > 1:
+            for m, cids in enumerate(self._micro_chunks(ids)):
+                labels = self._targets[cids]
+                self.send(Targets, self.last, rnd, step, labels=labels, micro=m, batch_rows=len(ids))
+        else:
+            self.send(Targets, self.last, rnd, step, labels=self._targets[ids])
+        if ahead:
+            self._targets_ahead = (rnd, step)
+
+    def _send_targets_ahead(self, rnd: int, after: tuple[int, torch.Tensor] | None) -> None:
+        """The next step's targets (`after`: its step and sample ids; None after the last step)."""
+        if after is not None:
+            self._send_targets(rnd, *after, ahead=True)
+
+    def _micro_chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return [c for c in torch.tensor_split(ids, min(self.micro_batches, len(ids))) if len(c)]
+
+    def _step(
+        self,
+        rnd: int,
+        step: int,
+        ids: torch.Tensor,
+        released_all: torch.Tensor | None,
+        after: tuple[int, torch.Tensor] | None = None,
+    ) -> float:
+        """One unpipelined step; returns the chain's loss times the batch size. `after`: the next
+        step of the round (its step and sample ids), whose targets go out while this one is away."""
         y = self.data.train_y[ids]
         a_rel = self._release(ids, released_all)
-        if self.tail is None:
-            self.send(Targets, self.last, rnd, step, labels=self._targets[ids])
+        self._send_targets(rnd, step, ids)
         self._send_activation(rnd, step, a_rel, train=True)
+        self._send_targets_ahead(rnd, after)
         if self.tail is not None:
             self._tail_step(rnd, step, self._loss_labels(y, ids))
         reply = self._receive_grad(rnd, step, a_rel)
@@ -275,21 +313,26 @@ class DataOwner(Party):
         return reply.loss * len(ids)
 
     def _pipelined_step(
-        self, rnd: int, step: int, ids: torch.Tensor, released_all: torch.Tensor | None
+        self,
+        rnd: int,
+        step: int,
+        ids: torch.Tensor,
+        released_all: torch.Tensor | None,
+        after: tuple[int, torch.Tensor] | None = None,
     ) -> float:
         """One step as micro-batches (GPipe fill and drain): every micro-batch's Forward goes out before
         any gradient is awaited, so trainers work on different micro-batches at once; the head
         accumulates the gradients of all of them and steps once, as the trainers do."""
-        chunks = [c for c in torch.tensor_split(ids, min(self.micro_batches, len(ids))) if len(c)]
-        # every micro-batch's targets first, then the activations: consecutive sends on one link,
-        # which a windowed transport streams without waiting between them
-        for m, cids in enumerate(chunks):
-            self.send(Targets, self.last, rnd, step, labels=self._targets[cids], micro=m, batch_rows=len(ids))
+        chunks = self._micro_chunks(ids)
+        # every micro-batch's targets first (unless they went ahead), then the activations:
+        # consecutive sends on one link, which a windowed transport streams without waiting
+        self._send_targets(rnd, step, ids)
         released = []
         for m, cids in enumerate(chunks):
             a_rel = self._release(cids, released_all)
             self._send_activation(rnd, step, a_rel, train=True, micro=m, micros=len(chunks))
             released.append(a_rel)
+        self._send_targets_ahead(rnd, after)
         trains = released_all is None and self.head_optimizer is not None
         if trains:
             clear_grads(self.head_optimizer)
