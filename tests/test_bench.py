@@ -32,6 +32,8 @@ def test_quick_multiprocess_chain_reports_rss_per_process():
     result = BENCHMARKS["multiprocess"].run(Options(quick=True, repeats=1))
     assert set(result.epoch_s) == {"in-process", "gRPC + mTLS"}
     assert all(len(ts) == 1 and ts[0] > 0 for ts in result.epoch_s.values())
+    assert {v: len(ts) for v, ts in result.first_epoch_s.items()} == {v: 1 for v in result.epoch_s}
+    assert any(note.startswith("first epoch") for note in result.notes())  # reported, not in medians
     assert {r.party for r in result.rss} == {"data_owner", "trainer_1"}
     assert all(r.setup_peak_mib > 50 for r in result.rss)
     assert result.bytes_per_step["data_owner->trainer_1"] > 0

@@ -3,7 +3,10 @@
 Each variant (e.g. unpipelined and pipelined) gets its own group of processes (`party_process`:
 data owner and trainers, each with its own certificate and server on loopback, `threads` torch
 threads each); the in-process chain runs in this process. Epochs are interleaved: in-process, then
-each group in turn. Bytes per step per hop come from the in-process run (the same codec frames).
+each group in turn. The first (`warmup`) epochs of each are reported on their own and left out of
+the medians: they open every connection (TLS handshakes) and grow every process's memory once per
+job, where a job's later epochs do neither. Bytes per step per hop come from the in-process run
+(the same codec frames).
 Peak RSS is per process (`VmHWM`), for set-up and for training separately.
 """
 
@@ -42,6 +45,7 @@ class PartyRss:
 @dataclass
 class MultiprocessBench:
     epoch_s: dict[str, list[float]]  # "in-process" and one entry per process group
+    first_epoch_s: dict[str, list[float]]  # the warm-up epochs before them (not in the medians)
     n_train: int
     batch_size: int
     n_trainers: int
@@ -75,7 +79,13 @@ class MultiprocessBench:
             + (f"/{r.training_peak_mib:.0f}" if r.training_peak_mib else "")
             for r in self.rss
         )
-        return [f"bytes per step per hop: {hops}", f"peak RSS per process, set-up/training (MiB): {rss}"]
+        out = [f"bytes per step per hop: {hops}", f"peak RSS per process, set-up/training (MiB): {rss}"]
+        if self.first_epoch_s.get("in-process"):
+            first = ", ".join(
+                f"{v} {', '.join(f'{x:.2f}' for x in ts)}" for v, ts in self.first_epoch_s.items()
+            )
+            out.insert(0, f"first epoch(s) (s), connections opened, not in the medians: {first}")
+        return out
 
 
 class _Group:
@@ -160,10 +170,12 @@ def bench_multiprocess(
     repeats: int = 3,
     variants: dict[str, dict[str, dict]] | None = None,
     threads: int | None = None,
+    warmup: int = 1,
 ) -> MultiprocessBench:
     """`variants`: name -> configuration overrides by section (e.g. `{"training": {"micro_batches":
     4}}`), each run as its own process group. `threads` per process defaults to this machine's
-    cores shared among one group's processes (`threads_for`)."""
+    cores shared among one group's processes (`threads_for`). `warmup` epochs of each come first
+    and are reported apart (`first_epoch_s`)."""
     cfg = cfg.replace(training={"epochs": 1})
     threads = threads_for(threads, cfg.model.n_trainers + 1)
     variants = variants or {"gRPC + mTLS": {}}
@@ -171,23 +183,25 @@ def bench_multiprocess(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the same per-party thread budget as every process
     times: dict[str, list[float]] = {"in-process": [], **{v: [] for v in variants}}
+    first: dict[str, list[float]] = {v: [] for v in times}
     rss: list[PartyRss] = []
     with tempfile.TemporaryDirectory(prefix="clicooper-mp-") as tmp:
         groups = {}
         try:
             for v, over in variants.items():
                 groups[v] = _Group(cfg.replace(**over), data, Path(tmp), f"g{len(groups)}", threads)
-            for rnd in range(repeats):
-                times["in-process"].append(timed(lambda r=rnd: job.data_owner.train_round(r)))
+            for rnd in range(warmup + repeats):
+                into = first if rnd < warmup else times
+                into["in-process"].append(timed(lambda r=rnd: job.data_owner.train_round(r)))
                 for v, g in groups.items():
-                    times[v].append(g.epoch())
+                    into[v].append(g.epoch())
         finally:
             for v, g in groups.items():
                 rss += [PartyRss(v, r.party, r.setup_peak_mib, r.training_peak_mib) for r in g.close()]
             torch.set_num_threads(before)
-    steps = max(repeats * -(-len(data.train_x) // cfg.training.batch_size), 1)
+    steps = max((warmup + repeats) * -(-len(data.train_x) // cfg.training.batch_size), 1)
     sent = Counter(job.transport.bytes_sent)
     hops = {f"{s}->{r}": b / steps for (s, r), b in sorted(sent.items())}
     return MultiprocessBench(
-        times, len(data.train_x), cfg.training.batch_size, cfg.model.n_trainers, threads, hops, rss
+        times, first, len(data.train_x), cfg.training.batch_size, cfg.model.n_trainers, threads, hops, rss
     )
