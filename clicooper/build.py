@@ -195,6 +195,7 @@ def build_trainer(
         lr_schedule=lr_schedule(cfg.training),
         rounds=cfg.training.epochs if spec is not None else None,
         wire_dtype=WIRE_DTYPES[cfg.training.wire_dtype],
+        upstream_grad_first=cfg.upstream_grad_first(concurrent=transport.concurrent),
     )
 
 

@@ -71,6 +71,13 @@ class JobSection(_Section):
     # (glibc's mmap and trim thresholds raised: `clicooper/allocator.py`); off gives memory back
     # between steps at the cost of page faults. A deployment setting: a resume may change it.
     keep_freed_memory: StrictBool = True
+    # each trainer sends the gradient for its upstream neighbour as soon as it has it, and only then
+    # computes its own weight gradients and steps: the upstream parties' work overlaps its own, at
+    # the cost of a second pass over the segment's graph. None: on wherever the parties run
+    # concurrently (any transport but the in-process one; every party program), off in one
+    # thread, where it would only add work. The weights are the same either way (docs/transport.md).
+    # A deployment setting: a resume may change it.
+    upstream_grad_first: StrictBool | None = None
 
     @model_validator(mode="after")
     def _safe_root(self) -> JobSection:
@@ -280,11 +287,21 @@ class JobConfig(_Section):
     def link_window(self) -> int:
         """gRPC frames a party may have awaiting acknowledgement on one link: `job.ack_window`, or
         by default twice a pipelined step's micro-batches (a trainer then streams a whole step
-        without waiting a round trip for each), and 1 without pipelining."""
+        without waiting a round trip for each); without pipelining 2 when trainers send their
+        upstream gradient first (a trainer's own weight gradients are then computed while the
+        gradient travels, not after its acknowledgement is back), else 1."""
         if self.job.ack_window is not None:
             return self.job.ack_window
         m = self.training.micro_batches
-        return 2 * m if m > 1 else 1
+        if m > 1:
+            return 2 * m
+        return 2 if self.upstream_grad_first(concurrent=True) else 1
+
+    def upstream_grad_first(self, *, concurrent: bool) -> bool:
+        """Whether trainers send the gradient for their upstream neighbour before computing their own
+        weight gradients (`job.upstream_grad_first`; by default when the parties run concurrently)."""
+        flag = self.job.upstream_grad_first
+        return concurrent if flag is None else flag
 
     @model_validator(mode="after")
     def _model_fits(self, info: ValidationInfo) -> JobConfig:
@@ -418,6 +435,7 @@ RESUME_MUTABLE = frozenset(
         "job.threads",
         "job.ack_window",
         "job.keep_freed_memory",
+        "job.upstream_grad_first",
         "training.epochs",
         "training.eval_batch_size",
     }

@@ -229,8 +229,10 @@ def test_a_party_program_takes_its_acknowledgement_window_from_the_job(tmp_path)
     assert resume_changes(cfg, cfg.replace(job={"ack_window": 1})) == [
         {"field": "job.ack_window", "from": 8, "to": 1}
     ]
-    # by default: twice a pipelined step's micro-batches, 1 without pipelining
-    assert _cfg().link_window() == 1
+    # by default: twice a pipelined step's micro-batches; without pipelining 2 while trainers send
+    # their upstream gradient first (the default for party programs), else 1
+    assert _cfg().link_window() == 2
+    assert _cfg(job={"upstream_grad_first": False}).link_window() == 1
     assert _cfg(training={"micro_batches": 4}).link_window() == 8
     assert _cfg(job={"ack_window": 3}, training={"micro_batches": 4}).link_window() == 3
 

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from clicooper.job import ChainJob
+from clicooper.parties import ProtocolError
 from clicooper.parties import data_owner as data_owner_module
 from clicooper.transport import Backward, Forward, Targets
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def _weights(job: ChainJob) -> list[torch.Tensor]:
+    segs = [job.data_owner.head, *[t.segment for t in job.trainers]]
+    return [v for s in segs for v in s.state_dict().values()]
 
 
 def _record(job: ChainJob) -> list[tuple[str, int, int]]:
@@ -90,3 +96,27 @@ def test_u_shaped_targets_never_leave(digits):
     events = _record(job)
     job.run()
     assert events and not [e for e in events if e[0] == Targets.KIND]
+
+
+def test_a_round_failed_with_targets_ahead_resumes_on_the_same_job(digits, tmp_path):
+    """The data owner program recovers by `run(resume=True)` on the same job: a trainer hosted
+    with it must not keep the failed round's targets (sent ahead) or steps in flight."""
+    job = ChainJob(tiny_config(), digits, tmp_path / "run")
+    forward, failed = job.trainers[1]._on_forward, []
+
+    def flaky(msg):
+        if (msg.header.round, msg.header.step) == (1, 3) and not failed:
+            failed.append(msg)
+            raise ProtocolError("trainer_2 failed (simulated)")
+        forward(msg)
+
+    job.trainers[1]._on_forward = flaky
+    with pytest.raises(ProtocolError, match="simulated"):
+        job.run()
+    assert (1, 4, 0) in job.trainers[2]._targets  # step 4's targets went ahead before step 3 failed
+    assert job.trainers[0]._inflight  # and trainer_1 still holds step 3
+    job.run(resume=True)
+    ref = ChainJob(tiny_config(), digits, tmp_path / "ref")
+    ref.run()
+    for a, b in zip(_weights(job), _weights(ref), strict=True):
+        assert torch.equal(a, b)

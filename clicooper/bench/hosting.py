@@ -18,6 +18,7 @@ class HostOnly(Transport):
     def __init__(self, inner: Transport, party: str) -> None:
         super().__init__()
         self.inner, self.party = inner, party
+        self.concurrent = inner.concurrent
         self.bytes_sent = inner.bytes_sent
         self.messages_sent = inner.messages_sent
 

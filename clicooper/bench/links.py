@@ -101,6 +101,7 @@ class StageTimer(Transport):
     def __init__(self, inner: Transport) -> None:
         super().__init__()
         self.inner = inner
+        self.concurrent = inner.concurrent
         self.bytes_sent, self.messages_sent = inner.bytes_sent, inner.messages_sent
         self.busy: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()  # pulling parties: seconds inside receive

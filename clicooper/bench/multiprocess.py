@@ -84,7 +84,7 @@ class MultiprocessBench:
             first = ", ".join(
                 f"{v} {', '.join(f'{x:.2f}' for x in ts)}" for v, ts in self.first_epoch_s.items()
             )
-            out.insert(0, f"first epoch(s) (s), connections opened, not in the medians: {first}")
+            out.insert(0, f"first epoch(s) (s; the chains' connections opened), not in the medians: {first}")
         return out
 
 

@@ -267,7 +267,9 @@ class DataOwner(Party):
         `ahead`: sent while the step before travels the chain, when the data owner would otherwise
         sit idle: sent just before its Forward, each step would wait for their acknowledgement, a
         round trip to the last trainer, before its activations could leave. They still reach the
-        last trainer before the Forward that needs them: they leave before it, from the same party."""
+        last trainer before the Forward that needs them: they are sent before it, and the transport
+        queues a party's message at its receiver before that party's next message on another link
+        leaves (docs/transport.md, "Acknowledgement window")."""
         if self.tail is not None or (not ahead and self._targets_ahead == (rnd, step)):
             return
         if self.micro_batches > 1:

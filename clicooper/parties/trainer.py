@@ -101,9 +101,12 @@ class Trainer(Party):
         lr_schedule: RoundLr | None = None,
         rounds: int | None = None,
         wire_dtype: torch.dtype = torch.float32,
+        upstream_grad_first: bool = False,
     ) -> None:
         super().__init__(name, job_id, transport)
         self.position = position
+        # send the upstream gradient before computing the weight gradients (`_backward_and_step`)
+        self.upstream_grad_first = upstream_grad_first
         self.wire_dtype = wire_dtype  # activations, gradients, outputs travel in it (transport/precision.py)
         self.rounds = rounds  # with a verifier: after sealing the last round, deliver the segment to it
         self.lr_schedule = lr_schedule
@@ -305,36 +308,61 @@ class Trainer(Party):
         """Back-propagate (`out` with upstream gradient `grad_out`, or `out` as the loss) and send dL/dx
         upstream. Gradients accumulate over a step's micro-batches: the optimiser is zeroed at the
         step's first backward (which also adds this trainer's own regulariser, once per step, as
-        unpipelined) and steps at its last."""
+        unpipelined) and steps at its last.
+
+        With `upstream_grad_first`, dL/dx is computed alone (`autograd.grad`, which skips every weight
+        gradient) and sent before the weight gradients are computed (a second pass over the graph,
+        accumulating into the parameters only): the parties upstream then work while this one
+        finishes, which pays where parties run concurrently. Every gradient is computed by the same
+        kernels from the same tensors either way, so the weights are the same
+        (`tests/test_upstream_grad_first.py`). What differs is when a failure shows: weight gradients
+        that overflow are found after dL/dx has left (the step is refused here all the same, and the
+        data owner rewinds the job)."""
         step = key[:2]
         acc = self._steps[step]
         first = acc.backwarded == 0
         if first:
             clear_grads(self.optimizer)
-        torch.autograd.backward([out], [grad_out])
+        grads = None if grad_out is None else [grad_out]
+        cause = f"{self.next}'s gradient" if grad_out is not None else f"the loss on {self.prev}'s output"
+        where = f"{self.name}: step {step}"
+        if self.upstream_grad_first:
+            (gx,) = torch.autograd.grad([out], [x], grads, retain_graph=True)
+            require_finite([gx], where=f"{where}: the gradient for {self.prev}, from {cause}")
+            self._send_upstream(key, gx, report)
+            torch.autograd.backward([out], grads, inputs=self._trained_params())
+        else:
+            torch.autograd.backward([out], grads)
+            gx = x.grad if x.grad is not None else torch.zeros_like(x)
+            require_finite([gx], where=f"{where}: the gradient for {self.prev}, from {cause}")
         if first and self.hooks is not None:
             self.hooks.add_regulariser_grad(self.segment)
         acc.backwarded += 1
-        cause = f"{self.next}'s gradient" if grad_out is not None else f"the loss on {self.prev}'s output"
-        where = f"{self.name}: step {step}"
-        require_finite([x.grad], where=f"{where}: the gradient for {self.prev}, from {cause}")
         if acc.backwarded == acc.micros:
             require_finite(optimizer_grads(self.optimizer), where=f"{where}: weight gradients from {cause}")
             self.optimizer.step()
             del self._steps[step]
             if self.hooks is not None:
                 self.hooks.prepare_regulariser_grad(self.segment)
-        grad = x.grad if x.grad is not None else torch.zeros_like(x)
+        if not self.upstream_grad_first:
+            self._send_upstream(key, gx, report)
+
+    def _send_upstream(self, key: tuple[int, int, int], grad: torch.Tensor, report: float) -> None:
+        step = key[:2]
         grad = to_wire(grad, self.wire_dtype, where=f"{self.name}: gradient")
         self._observe(self.prev, "out", step, grad)
         self.send(Backward, self.prev, *step, grad=grad, loss=report, micro=key[2])
+
+    def _trained_params(self) -> list[torch.Tensor]:
+        """The parameters this trainer's optimiser steps (those that take gradients)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     def _on_round_end(self, msg: RoundEnd) -> None:
         rnd = msg.header.round
         if self._inflight or self._targets or self._steps:
             raise ProtocolError(
-                f"{self.name}: round {rnd} ended with "
-                f"{len(self._inflight) or len(self._steps)} steps in flight"
+                f"{self.name}: round {rnd} ended with {len(self._inflight) or len(self._steps)} "
+                f"steps in flight and {len(self._targets)} targets unused"
             )
         if self.hooks is not None:
             record, attestations = self.hooks.seal(self.segment, rnd, self.round_steps, self.round_samples)
@@ -357,10 +385,7 @@ class Trainer(Party):
         """Go back to the state after round `header.round - 1` (the initial state for round 0)."""
         rnd = msg.header.round
         self.awaiting_rewind = False
-        self._inflight.clear()
-        self._targets.clear()
-        self._steps.clear()  # a step's micro-batches still accumulating
-        self.round_steps = self.round_samples = 0
+        self._forget_round_work()
         if rnd == 0:
             tensors, meta = self._initial
             load_module_optimizer_state(self.segment, self.optimizer, tensors, meta)
@@ -376,6 +401,14 @@ class Trainer(Party):
         except (OSError, ValueError, KeyError) as e:
             raise ProtocolError(f"{self.name}: cannot rewind to round {rnd}: {e}") from None
         self._seq_in = seq_in  # what this party accepted since is still accepted: no replays
+
+    def _forget_round_work(self) -> None:
+        """Drop what a round left half done (steps in flight, targets sent ahead, micro-batches
+        accumulating): a rewound or loaded party starts at a round's beginning."""
+        self._inflight.clear()
+        self._targets.clear()
+        self._steps.clear()
+        self.round_steps = self.round_samples = 0
 
     def deliver_segment(self, rnd: int) -> None:
         """Send the segment as sealed in round `rnd` to the verifier (a safetensors blob)."""
@@ -408,6 +441,7 @@ class Trainer(Party):
         if meta["position"] != self.position:
             raise ValueError(f"{prefix}: checkpoint is for position {meta['position']}, not {self.position}")
         load_module_optimizer_state(self.segment, self.optimizer, tensors, meta)
+        self._forget_round_work()  # a checkpoint is a round's end: a resume on this object restarts
         self.rounds_sealed = meta["rounds_sealed"]
         self._last_train_step = tuple(meta["last_train_step"])  # type: ignore[assignment]
         if self.hooks is not None and meta.get("hooks") is not None:

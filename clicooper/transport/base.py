@@ -23,6 +23,10 @@ class TransportError(RuntimeError):
 class Transport(ABC):
     """Delivers encoded messages between named parties and counts bytes per hop."""
 
+    # whether the parties on it run concurrently (each on its own thread or in its own process);
+    # the in-process transport runs them one after another in the caller's thread
+    concurrent: bool = True
+
     def __init__(self) -> None:
         self.bytes_sent: Counter[tuple[str, str]] = Counter()
         self.messages_sent: Counter[tuple[str, str]] = Counter()

@@ -17,6 +17,8 @@ from clicooper.transport.messages import Message
 
 
 class InProcTransport(Transport):
+    concurrent = False  # every handler runs in the sender's thread, one after another
+
     def __init__(self, *, wire: bool = False) -> None:
         super().__init__()
         self.wire = wire

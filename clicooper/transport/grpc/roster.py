@@ -17,7 +17,8 @@ ABORT = "abort"
 # Kinds that need no causal ordering against their sender's other links (see docs/transport.md,
 # "Acknowledgement window"): an Abort is out of band, and a Backward sets off only gradients flowing
 # up to the data owner, which waits for every one of a step's gradients before anything of the next
-# step moves down the chain, so nothing downstream can overtake a sender's earlier frames through it.
+# step moves down the chain (but its Targets, which set nothing off), so nothing downstream can
+# overtake a sender's earlier frames through it.
 UNORDERED_KINDS = frozenset({ABORT, "backward"})
 
 

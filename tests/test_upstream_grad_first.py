@@ -1,0 +1,96 @@
+"""Trainers that send the gradient for their upstream neighbour before computing their own weight
+gradients (`job.upstream_grad_first`, on by default wherever parties run concurrently): the same
+weights as back-propagating once, bit for bit; a watermarked job so trained is certified; a gradient
+or weight gradient that overflows is still refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clicooper.job import ChainJob
+from clicooper.parties import ProtocolError, verify_run
+from clicooper.transport.grpc import GrpcTransport, Roster, make_local_pki
+from tests.conftest import tiny_config
+from tests.test_neighbour_checks import _backward, _forward, _trainer, _weights
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _chain_weights(job: ChainJob) -> list[torch.Tensor]:
+    segs = [job.data_owner.head, *[t.segment for t in job.trainers]]
+    return [v for s in segs for v in s.state_dict().values()]
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {},
+        {"training": {"micro_batches": 3}},  # accumulated over micro-batches
+        {"training": {"optimizer": "adam", "lr": 0.003}, "model": {"n_trainers": 2}},
+        {"privacy": {"gamma": 2, "secret_seed": 7}},  # label expansion
+        {"privacy": {"u_shaped": True}},  # the data owner's tail sends the last gradient
+    ],
+)
+def test_the_weights_are_those_of_one_backward_pass(digits, sections):
+    cfg = tiny_config(**sections)
+    ref = ChainJob(cfg.replace(job={"upstream_grad_first": False}), digits, None)
+    ref.run()
+    split = ChainJob(cfg.replace(job={"upstream_grad_first": True}), digits, None)
+    assert all(t.upstream_grad_first for t in split.trainers)
+    assert not any(t.upstream_grad_first for t in ref.trainers)
+    split.run()
+    for a, b in zip(_chain_weights(ref), _chain_weights(split), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_on_by_default_only_where_parties_run_concurrently(digits):
+    cfg = tiny_config(training={"epochs": 1})
+    assert not any(t.upstream_grad_first for t in ChainJob(cfg, digits, None).trainers)
+    roster = Roster.chain("ugf", 3)
+    pki = make_local_pki(None, "ugf", roster.parties)
+    with GrpcTransport(roster, {p: "127.0.0.1:0" for p in roster.parties}, tls=pki) as tr:
+        job = ChainJob(cfg, digits, None, transport=tr, job_id="ugf")
+        assert all(t.upstream_grad_first for t in job.trainers)
+        job.run()
+        assert not tr.refused and not tr.handler_errors
+    ref = ChainJob(cfg, digits, None)
+    ref.run()
+    for a, b in zip(_chain_weights(ref), _chain_weights(job), strict=True):
+        assert torch.equal(a, b)
+    off = ChainJob(cfg.replace(job={"upstream_grad_first": False}), digits, None)
+    assert not any(t.upstream_grad_first for t in off.trainers)
+
+
+def test_a_watermarked_job_trained_upstream_gradient_first_is_certified(digits, tmp_path):
+    cfg = tiny_config(job={"upstream_grad_first": True}, watermark={"enabled": True, "n_bits": 64})
+    ChainJob(cfg, digits, tmp_path / "run").run()
+    verdict, _ = verify_run(tmp_path / "run")
+    assert verdict.ok, verdict.summary()
+
+
+def test_weight_gradients_that_overflow_are_refused_after_the_upstream_gradient_left():
+    t = _trainer()
+    t.upstream_grad_first = True
+    t.handle(_forward(value=2.0))
+    before = _weights(t)
+    with pytest.raises(ProtocolError, match=r"trainer_2: step \(0, 0\): weight gradients from trainer_3's"):
+        t.handle(_backward(torch.full((2, 3), 1e38)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
+    t.transport.pump()
+    (sent,) = t.transport._inboxes["trainer_1"]  # finite: it left before the weights were known
+    assert torch.isfinite(sent.grad).all()
+
+
+def test_an_upstream_gradient_that_overflows_is_refused_and_never_sent():
+    t = _trainer()
+    t.upstream_grad_first = True
+    with torch.no_grad():
+        t.segment[0].weight.fill_(2.0)
+    t.handle(_forward(value=1e-3))
+    before = _weights(t)
+    with pytest.raises(ProtocolError, match="the gradient for trainer_1, from trainer_3's gradient"):
+        t.handle(_backward(torch.full((2, 3), 1e38)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
+    t.transport.pump()
+    assert not t.transport._inboxes["trainer_1"]
