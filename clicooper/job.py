@@ -562,6 +562,8 @@ class ChainJob:
             )
         if self.verifier is not None:
             self.verifier.truncate(start)
+        if isinstance(self.transport, InProcTransport):  # what a failed round left undelivered
+            self.transport.discard_pending()
         self.rewind_remote(start)
         with (self.run_dir / RESUME_LOG).open("a") as f:
             entry = {"time": datetime.now().isoformat(timespec="seconds"), "from_round": start}

@@ -10,6 +10,7 @@ import torch
 
 from clicooper.job import ChainJob
 from clicooper.parties import ProtocolError, verify_run
+from clicooper.transport import Forward, Header
 from clicooper.transport.grpc import GrpcTransport, Roster, make_local_pki
 from tests.conftest import tiny_config
 from tests.test_neighbour_checks import _backward, _forward, _trainer, _weights
@@ -94,3 +95,34 @@ def test_an_upstream_gradient_that_overflows_is_refused_and_never_sent():
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
     t.transport.pump()
     assert not t.transport._inboxes["trainer_1"]
+
+
+def test_a_trainer_failing_after_its_upstream_gradient_left_waits_for_the_rewind(digits, tmp_path):
+    """In-process with the split forced on: trainer_2 fails after step (1, 3)'s upstream gradient
+    left. It refuses training traffic until rewound; a resume on the same job (what the data owner
+    program does) discards what the failed round left undelivered and ends with the weights of a
+    run that never failed."""
+    cfg = tiny_config(job={"upstream_grad_first": True})
+    job = ChainJob(cfg, digits, tmp_path / "run")
+    t2 = job.trainers[1]
+    step_once, failed = t2._accumulate_and_step, []
+
+    def flaky(acc, first, step, where):
+        if step == (1, 3) and not failed:
+            failed.append(step)
+            raise ProtocolError(f"{where}: not finite (simulated)")
+        step_once(acc, first, step, where)
+
+    t2._accumulate_and_step = flaky
+    with pytest.raises(ProtocolError, match="simulated"):
+        job.run()
+    assert t2.awaiting_rewind
+    with pytest.raises(ProtocolError, match=r"step \(1, 3\) failed after its upstream gradient had left"):
+        h = Header(job.job_id, "trainer_1", "trainer_2", 1, 4, 2**50)
+        t2.handle(Forward(header=h, activation=torch.zeros(2, *t2.input_shape)))
+    job.run(resume=True)
+    assert not t2.awaiting_rewind
+    ref = ChainJob(cfg, digits, tmp_path / "ref")
+    ref.run()
+    for a, b in zip(_chain_weights(ref), _chain_weights(job), strict=True):
+        assert torch.equal(a, b)

@@ -79,6 +79,8 @@ def _multiprocess(o: Options) -> BenchResult:
     piped = {"micro_batches": 4}
     variants = {
         "gRPC + mTLS": {},
+        # as before upstream_grad_first: each trainer steps, then sends its upstream gradient (window 1)
+        "gRPC + mTLS, upstream gradient after the step": {"job": {"upstream_grad_first": False}},
         "gRPC + mTLS, 4 micro-batches, window 1": {"training": piped, "job": {"ack_window": 1}},
         "gRPC + mTLS, 4 micro-batches, window 8": {"training": piped},  # the default window: 2 x 4
         "gRPC + mTLS, bfloat16 links": {"training": {"wire_dtype": "bfloat16"}},  # half the bytes

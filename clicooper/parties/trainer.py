@@ -141,6 +141,7 @@ class Trainer(Party):
         # A trainer started again as its own program may have missed steps: it trains again only
         # once the data owner has rewound the job to a round every party completed.
         self.awaiting_rewind = False
+        self.awaiting_rewind_why = "restarted from its checkpoint"
         if downstream is not None:
             self._allowed[Backward] = (downstream,)
         if self.is_last and not u_shaped:
@@ -154,7 +155,7 @@ class Trainer(Party):
         self.check_incoming(msg, self._allowed)
         if self.awaiting_rewind and isinstance(msg, (Forward, Targets, Backward, RoundEnd)):
             raise ProtocolError(
-                f"{self.name}: restarted from its checkpoint; waiting for {self.data_owner} to rewind the job"
+                f"{self.name}: {self.awaiting_rewind_why}; waiting for {self.data_owner} to rewind the job"
             )
         if isinstance(msg, Forward):
             self._on_forward(msg)
@@ -316,8 +317,8 @@ class Trainer(Party):
         finishes, which pays where parties run concurrently. Every gradient is computed by the same
         kernels from the same tensors either way, so the weights are the same
         (`tests/test_upstream_grad_first.py`). What differs is when a failure shows: weight gradients
-        that overflow are found after dL/dx has left (the step is refused here all the same, and the
-        data owner rewinds the job)."""
+        that overflow are found after dL/dx has left. The step is refused here all the same, and this
+        trainer then refuses all training traffic until the data owner rewinds the job."""
         step = key[:2]
         acc = self._steps[step]
         first = acc.backwarded == 0
@@ -327,25 +328,42 @@ class Trainer(Party):
         cause = f"{self.next}'s gradient" if grad_out is not None else f"the loss on {self.prev}'s output"
         where = f"{self.name}: step {step}"
         if self.upstream_grad_first:
-            (gx,) = torch.autograd.grad([out], [x], grads, retain_graph=True)
+            (gx,) = torch.autograd.grad(
+                [out], [x], grads, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
             require_finite([gx], where=f"{where}: the gradient for {self.prev}, from {cause}")
             self._send_upstream(key, gx, report)
-            torch.autograd.backward([out], grads, inputs=self._trained_params())
-        else:
-            torch.autograd.backward([out], grads)
-            gx = x.grad if x.grad is not None else torch.zeros_like(x)
-            require_finite([gx], where=f"{where}: the gradient for {self.prev}, from {cause}")
+            try:
+                if params := self._trained_params():
+                    torch.autograd.backward([out], grads, inputs=params)
+                self._accumulate_and_step(acc, first, step, f"{where}: weight gradients from {cause}")
+            except Exception:
+                # the chain upstream already has this step's gradient and may go on: refuse all
+                # training traffic until the data owner, told of the failure, rewinds the job
+                self.awaiting_rewind = True
+                self.awaiting_rewind_why = f"step {step} failed after its upstream gradient had left"
+                raise
+            return
+        torch.autograd.backward([out], grads)
+        gx = x.grad if x.grad is not None else torch.zeros_like(x)
+        require_finite([gx], where=f"{where}: the gradient for {self.prev}, from {cause}")
+        self._accumulate_and_step(acc, first, step, f"{where}: weight gradients from {cause}")
+        self._send_upstream(key, gx, report)
+
+    def _accumulate_and_step(
+        self, acc: _Accumulating, first: bool, step: tuple[int, int], where: str
+    ) -> None:
+        """After a micro-batch's weight gradients: add the regulariser (a step's first), and at the
+        step's last micro-batch check the accumulated gradients and step."""
         if first and self.hooks is not None:
             self.hooks.add_regulariser_grad(self.segment)
         acc.backwarded += 1
         if acc.backwarded == acc.micros:
-            require_finite(optimizer_grads(self.optimizer), where=f"{where}: weight gradients from {cause}")
+            require_finite(optimizer_grads(self.optimizer), where=where)
             self.optimizer.step()
             del self._steps[step]
             if self.hooks is not None:
                 self.hooks.prepare_regulariser_grad(self.segment)
-        if not self.upstream_grad_first:
-            self._send_upstream(key, gx, report)
 
     def _send_upstream(self, key: tuple[int, int, int], grad: torch.Tensor, report: float) -> None:
         step = key[:2]
@@ -384,7 +402,6 @@ class Trainer(Party):
     def _on_rewind(self, msg: Rewind) -> None:
         """Go back to the state after round `header.round - 1` (the initial state for round 0)."""
         rnd = msg.header.round
-        self.awaiting_rewind = False
         self._forget_round_work()
         if rnd == 0:
             tensors, meta = self._initial
@@ -404,7 +421,10 @@ class Trainer(Party):
 
     def _forget_round_work(self) -> None:
         """Drop what a round left half done (steps in flight, targets sent ahead, micro-batches
-        accumulating): a rewound or loaded party starts at a round's beginning."""
+        accumulating): a rewound or loaded party starts at a round's beginning, and no longer waits
+        to be rewound."""
+        self.awaiting_rewind = False
+        self.awaiting_rewind_why = "restarted from its checkpoint"
         self._inflight.clear()
         self._targets.clear()
         self._steps.clear()

@@ -54,6 +54,14 @@ class InProcTransport(Transport):
         else:
             handler(msg)
 
+    def discard_pending(self) -> int:
+        """Drop every undelivered message (a failed round's, before a resume); how many."""
+        n = len(self._queue) + sum(len(box) for box in self._inboxes.values())
+        self._queue.clear()
+        for box in self._inboxes.values():
+            box.clear()
+        return n
+
     def pump(self) -> None:
         """Deliver queued messages until the queue is empty."""
         while self._queue:
