@@ -113,7 +113,6 @@ class DataOwner(Party):
         self.last_round_steps = 0
         self._released: torch.Tensor | None = None  # one-shot release cache
         self._targets = torch.empty(0, dtype=torch.int64)  # this round's targets by sample id
-        self._targets_ahead: tuple[int, int] | None = None  # (round, step) whose targets went ahead
         # called once a round has opened (the verifier has logged its plan and nonce), before training
         self.on_round_opened: Callable[[int], None] | None = None
         with torch.no_grad():
@@ -211,7 +210,8 @@ class DataOwner(Party):
         self.head.train(not one_shot)
         # an empty Poisson batch releases nothing: it is no step of the chain's
         steps = [(step, ids) for step, ids in enumerate(batches) if len(ids)]
-        self._targets_ahead = None
+        if steps:  # every later step's targets go ahead, sent during the step before it
+            self._send_targets(rnd, *steps[0])
         for i, (step, ids) in enumerate(steps):
             after = steps[i + 1] if i + 1 < len(steps) else None
             if self.micro_batches > 1:
@@ -260,17 +260,18 @@ class DataOwner(Party):
         wire = to_wire(a, self.wire_dtype, where=f"{self.name}: activation")
         self.send(Forward, self.first, rnd, step, activation=wire, **fields)
 
-    def _send_targets(self, rnd: int, step: int, ids: torch.Tensor, *, ahead: bool = False) -> None:
-        """The last trainer's targets for a step (one message per micro-batch when pipelined), unless
-        they went ahead with the step before. U-shaped, the labels stay here and nothing is sent.
+    def _send_targets(self, rnd: int, step: int, ids: torch.Tensor) -> None:
+        """The last trainer's targets for a step (one message per micro-batch when pipelined);
+        U-shaped, the labels stay here and nothing is sent.
 
-        `ahead`: sent while the step before travels the chain, when the data owner would otherwise
-        sit idle: sent just before its Forward, each step would wait for their acknowledgement, a
-        round trip to the last trainer, before its activations could leave. They still reach the
-        last trainer before the Forward that needs them: they are sent before it, and the transport
+        A round's first step's targets go out as the round starts, every later step's while the step
+        before travels the chain (`_send_targets_ahead`), when the data owner would otherwise sit
+        idle: sent just before its Forward, each step would wait for their acknowledgement, a round
+        trip to the last trainer, before its activations could leave. They still reach the last
+        trainer before the Forward that needs them: they are sent before it, and the transport
         queues a party's message at its receiver before that party's next message on another link
         leaves (docs/transport.md, "Acknowledgement window")."""
-        if self.tail is not None or (not ahead and self._targets_ahead == (rnd, step)):
+        if self.tail is not None:
             return
         if self.micro_batches > 1:
             for m, cids in enumerate(self._micro_chunks(ids)):
@@ -278,13 +279,11 @@ class DataOwner(Party):
                 self.send(Targets, self.last, rnd, step, labels=labels, micro=m, batch_rows=len(ids))
         else:
             self.send(Targets, self.last, rnd, step, labels=self._targets[ids])
-        if ahead:
-            self._targets_ahead = (rnd, step)
 
     def _send_targets_ahead(self, rnd: int, after: tuple[int, torch.Tensor] | None) -> None:
         """The next step's targets (`after`: its step and sample ids; None after the last step)."""
         if after is not None:
-            self._send_targets(rnd, *after, ahead=True)
+            self._send_targets(rnd, *after)
 
     def _micro_chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [c for c in torch.tensor_split(ids, min(self.micro_batches, len(ids))) if len(c)]
@@ -301,7 +300,6 @@ class DataOwner(Party):
         step of the round (its step and sample ids), whose targets go out while this one is away."""
         y = self.data.train_y[ids]
         a_rel = self._release(ids, released_all)
-        self._send_targets(rnd, step, ids)
         self._send_activation(rnd, step, a_rel, train=True)
         self._send_targets_ahead(rnd, after)
         if self.tail is not None:
@@ -326,10 +324,7 @@ class DataOwner(Party):
         any gradient is awaited, so trainers work on different micro-batches at once; the head
         accumulates the gradients of all of them and steps once, as the trainers do."""
         chunks = self._micro_chunks(ids)
-        # every micro-batch's targets first (unless they went ahead), then the activations:
-        # consecutive sends on one link, which a windowed transport streams without waiting
-        self._send_targets(rnd, step, ids)
-        released = []
+        released = []  # this step's targets went out before it (`_send_targets`)
         for m, cids in enumerate(chunks):
             a_rel = self._release(cids, released_all)
             self._send_activation(rnd, step, a_rel, train=True, micro=m, micros=len(chunks))
