@@ -176,7 +176,7 @@ def serve(
             if rnd is not None:
                 log.info("%s: resumed from its checkpoint of round %d", keys.name, rnd + 1)
             if party.incarnation > 1:  # started before: it may have missed steps since
-                party.awaiting_rewind = True
+                party.wait_for_rewind("restarted from its checkpoint")
                 log.info("%s: restarted; waiting for the data owner to rewind the job", keys.name)
         else:
             party = build_verifier(manifest, keys, t, state_dir=folder)

@@ -141,7 +141,7 @@ class Trainer(Party):
         # A trainer started again as its own program may have missed steps: it trains again only
         # once the data owner has rewound the job to a round every party completed.
         self.awaiting_rewind = False
-        self.awaiting_rewind_why = "restarted from its checkpoint"
+        self.awaiting_rewind_why = ""  # set with it (`wait_for_rewind`)
         if downstream is not None:
             self._allowed[Backward] = (downstream,)
         if self.is_last and not u_shaped:
@@ -338,10 +338,8 @@ class Trainer(Party):
                     torch.autograd.backward([out], grads, inputs=params)
                 self._accumulate_and_step(acc, first, step, f"{where}: weight gradients from {cause}")
             except Exception:
-                # the chain upstream already has this step's gradient and may go on: refuse all
-                # training traffic until the data owner, told of the failure, rewinds the job
-                self.awaiting_rewind = True
-                self.awaiting_rewind_why = f"step {step} failed after its upstream gradient had left"
+                # the chain upstream already has this step's gradient and may go on
+                self.wait_for_rewind(f"step {step} failed after its upstream gradient had left")
                 raise
             return
         torch.autograd.backward([out], grads)
@@ -419,12 +417,15 @@ class Trainer(Party):
             raise ProtocolError(f"{self.name}: cannot rewind to round {rnd}: {e}") from None
         self._seq_in = seq_in  # what this party accepted since is still accepted: no replays
 
+    def wait_for_rewind(self, why: str) -> None:
+        """Refuse all training traffic (naming `why`) until the data owner rewinds the job."""
+        self.awaiting_rewind, self.awaiting_rewind_why = True, why
+
     def _forget_round_work(self) -> None:
         """Drop what a round left half done (steps in flight, targets sent ahead, micro-batches
         accumulating): a rewound or loaded party starts at a round's beginning, and no longer waits
         to be rewound."""
         self.awaiting_rewind = False
-        self.awaiting_rewind_why = "restarted from its checkpoint"
         self._inflight.clear()
         self._targets.clear()
         self._steps.clear()
