@@ -22,7 +22,7 @@ JOB = "job"
 _seq = itertools.count(1)
 
 
-def _trainer(*, last: bool = False) -> Trainer:
+def _trainer(*, last: bool = False, upstream_grad_first: bool = False) -> Trainer:
     """trainer_2 of three, its neighbours' mailboxes collecting what it sends."""
     transport = InProcTransport()
     for party in ("data_owner", "trainer_1", "trainer_3"):
@@ -41,6 +41,7 @@ def _trainer(*, last: bool = False) -> Trainer:
         data_owner="data_owner",
         input_shape=(4,),
         num_outputs=3 if last else None,
+        upstream_grad_first=upstream_grad_first,
     )
 
 
@@ -69,8 +70,9 @@ def test_a_micro_batch_past_the_announced_count_is_refused_by_a_relaying_trainer
         t.handle(_forward(micro=2, micros=2))
 
 
-def test_an_overflowing_gradient_is_refused_and_the_weights_are_unchanged():
-    t = _trainer()
+@pytest.mark.parametrize("upstream_grad_first", [False, True])
+def test_an_overflowing_gradient_is_refused_and_the_weights_are_unchanged(upstream_grad_first):
+    t = _trainer(upstream_grad_first=upstream_grad_first)
     t.handle(_forward(value=2.0))
     before = _weights(t)
     # finite, so it passes the codec; the weight gradient sums 2 rows of 2 x 1e38 and overflows
@@ -78,11 +80,16 @@ def test_an_overflowing_gradient_is_refused_and_the_weights_are_unchanged():
         t.handle(_backward(torch.full((2, 3), 1e38)))
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
     t.transport.pump()
-    assert not t.transport._inboxes["trainer_1"]  # no gradient was sent upstream
+    if upstream_grad_first:  # the upstream gradient, finite, left before the weights were known
+        (sent,) = t.transport._inboxes["trainer_1"]
+        assert torch.isfinite(sent.grad).all()
+    else:
+        assert not t.transport._inboxes["trainer_1"]  # no gradient was sent upstream
 
 
-def test_a_gradient_that_overflows_only_on_its_way_upstream_is_refused():
-    t = _trainer()
+@pytest.mark.parametrize("upstream_grad_first", [False, True])
+def test_a_gradient_that_overflows_only_on_its_way_upstream_is_refused(upstream_grad_first):
+    t = _trainer(upstream_grad_first=upstream_grad_first)
     with torch.no_grad():
         t.segment[0].weight.fill_(2.0)  # the gradient for trainer_1 sums 3 outputs x 2 x 1e38: inf
     t.handle(_forward(value=1e-3))  # the weight gradients stay finite (2 x 1e38 x 1e-3)
@@ -91,6 +98,8 @@ def test_a_gradient_that_overflows_only_on_its_way_upstream_is_refused():
     with pytest.raises(ProtocolError, match=upstream):
         t.handle(_backward(torch.full((2, 3), 1e38)))
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(t), strict=True))
+    t.transport.pump()
+    assert not t.transport._inboxes["trainer_1"]  # never sent
 
 
 def test_an_ordinary_gradient_still_steps():
